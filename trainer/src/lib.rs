@@ -1,0 +1,8 @@
+//! DreamBooth fine-tuning of Stable Diffusion on libtorch: models, schedulers,
+//! checkpoint loading and the command-line tools built on them.
+
+pub mod checkpoint;
+pub mod models;
+pub mod runtime;
+pub mod schedulers;
+pub mod tokenizer;

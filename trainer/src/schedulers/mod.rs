@@ -1,0 +1,1 @@
+//! Noise schedulers: DDPM for training, and the samplers used for inference.

@@ -1,0 +1,1 @@
+//! The CLIP tokenizer, on the model's own `vocab.json` and `merges.txt`.

@@ -14,7 +14,7 @@ pub mod spec;
 pub mod status;
 pub mod validation;
 
-pub use manifest::{Artifact, ArtifactKind, Manifest};
+pub use manifest::{Artifact, ArtifactKind, DatasetReport, Manifest};
 pub use outcome::{ExitKind, Outcome};
 pub use presets::{ResolvedTraining, resolve};
 pub use progress::{Progress, Stage};

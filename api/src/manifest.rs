@@ -21,6 +21,43 @@ pub struct Manifest {
     /// RFC 3339 time the manifest was written.
     pub created_at: String,
     pub artifacts: Vec<Artifact>,
+    /// What the dataset preparation found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetReport>,
+}
+
+/// What dataset preparation used, skipped and noticed; printed and kept in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetReport {
+    pub images: Vec<ReportedImage>,
+    pub skipped: Vec<SkippedFile>,
+    /// Groups of files with identical content (each counts twice in training).
+    pub duplicates: Vec<Vec<String>>,
+    /// Files whose shorter side is below the training size; they are upscaled.
+    pub smaller_than_resolution: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedImage {
+    pub file: String,
+    pub caption: String,
+    /// Size after EXIF orientation, before cropping.
+    pub width: u32,
+    pub height: u32,
+    /// The size it is trained at.
+    pub train_width: u32,
+    pub train_height: u32,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedFile {
+    pub file: String,
+    pub reason: String,
 }
 
 /// One file the session wrote, with what is needed to verify it.
@@ -56,7 +93,9 @@ pub enum ArtifactKind {
 impl Manifest {
     /// The final model artifacts (one per requested format).
     pub fn models(&self) -> impl Iterator<Item = &Artifact> {
-        self.artifacts.iter().filter(|a| a.kind == ArtifactKind::Model)
+        self.artifacts
+            .iter()
+            .filter(|a| a.kind == ArtifactKind::Model)
     }
 }
 
@@ -80,6 +119,7 @@ mod tests {
                 bytes: 2_132_856_864,
                 sha256: "ab".repeat(32),
             }],
+            dataset: None,
         };
         let json = serde_json::to_string(&manifest).unwrap();
         assert!(json.contains("\"kind\":\"model\""));

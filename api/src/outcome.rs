@@ -47,12 +47,18 @@ impl ExitKind {
 
     /// The meaning of a container exit code; signals and unknown codes are internal.
     pub fn from_code(code: i32) -> ExitKind {
-        ExitKind::ALL.into_iter().find(|k| k.code() == code).unwrap_or(ExitKind::Internal)
+        ExitKind::ALL
+            .into_iter()
+            .find(|k| k.code() == code)
+            .unwrap_or(ExitKind::Internal)
     }
 
     /// Whether another attempt (resuming from the latest state) can succeed.
     pub fn is_retriable(self) -> bool {
-        matches!(self, ExitKind::Internal | ExitKind::Retriable | ExitKind::Preempted)
+        matches!(
+            self,
+            ExitKind::Internal | ExitKind::Retriable | ExitKind::Preempted
+        )
     }
 }
 
@@ -124,12 +130,23 @@ mod tests {
             message: Some("\"é\" bad image; ".repeat(1000)),
         };
         let message = outcome.to_termination_message();
-        assert!(message.len() <= TERMINATION_MESSAGE_LIMIT, "{} bytes", message.len());
+        assert!(
+            message.len() <= TERMINATION_MESSAGE_LIMIT,
+            "{} bytes",
+            message.len()
+        );
         let parsed: Outcome = serde_json::from_str(&message).unwrap();
         assert_eq!(parsed.outcome, ExitKind::BadData);
         assert!(parsed.message.unwrap().ends_with("..."));
 
-        let short = Outcome { message: Some("ok".into()), ..outcome };
-        assert!(short.to_termination_message().contains("\"message\":\"ok\""));
+        let short = Outcome {
+            message: Some("ok".into()),
+            ..outcome
+        };
+        assert!(
+            short
+                .to_termination_message()
+                .contains("\"message\":\"ok\"")
+        );
     }
 }

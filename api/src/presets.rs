@@ -18,9 +18,24 @@ pub const STYLE_OFFSET_NOISE: f64 = 0.1;
 /// Rows are 5–9, 10–14, 15–19 and 20 or more photos.
 fn unet_step_table(preset: Preset) -> Option<[(usize, u32, u32); 4]> {
     match preset {
-        Preset::Face => Some([(5, 1200, 1500), (10, 1500, 1800), (15, 1800, 2200), (20, 2000, 2500)]),
-        Preset::Style => Some([(5, 2000, 2500), (10, 2500, 3000), (15, 3000, 3500), (20, 3500, 4000)]),
-        Preset::Object => Some([(5, 1000, 1200), (10, 1200, 1500), (15, 1500, 1800), (20, 1800, 2200)]),
+        Preset::Face => Some([
+            (5, 1200, 1500),
+            (10, 1500, 1800),
+            (15, 1800, 2200),
+            (20, 2000, 2500),
+        ]),
+        Preset::Style => Some([
+            (5, 2000, 2500),
+            (10, 2500, 3000),
+            (15, 3000, 3500),
+            (20, 3500, 4000),
+        ]),
+        Preset::Object => Some([
+            (5, 1000, 1200),
+            (10, 1200, 1500),
+            (15, 1500, 1800),
+            (20, 1800, 2200),
+        ]),
         Preset::Custom => None,
     }
 }
@@ -39,7 +54,11 @@ fn text_encoder_step_range(preset: Preset) -> Option<(u32, u32)> {
 /// Fewer than 5 images use the first row, more than 30 the last.
 pub fn auto_unet_steps(preset: Preset, images: usize) -> Option<u32> {
     let table = unet_step_table(preset)?;
-    let row = table.iter().rev().find(|(min, _, _)| images >= *min).unwrap_or(&table[0]);
+    let row = table
+        .iter()
+        .rev()
+        .find(|(min, _, _)| images >= *min)
+        .unwrap_or(&table[0]);
     Some(round_to((row.1 + row.2) / 2, 50))
 }
 
@@ -81,7 +100,10 @@ pub enum ResolveError {
 
 /// Fills unset values from the preset. `images` is the instance image count, needed
 /// only when a step count is `auto` (or unset under a non-custom preset).
-pub fn resolve(training: &Training, images: Option<usize>) -> Result<ResolvedTraining, ResolveError> {
+pub fn resolve(
+    training: &Training,
+    images: Option<usize>,
+) -> Result<ResolvedTraining, ResolveError> {
     let preset = training.preset;
     let unet_steps = match effective_steps(preset, training.unet.steps, DEFAULT_UNET_STEPS) {
         Steps::Count(n) => n,
@@ -93,16 +115,20 @@ pub fn resolve(training: &Training, images: Option<usize>) -> Result<ResolvedTra
             auto_unet_steps(preset, count).expect("every preset but custom has a table")
         }
     };
-    let text_encoder_steps =
-        match effective_steps(preset, training.text_encoder.steps, DEFAULT_TEXT_ENCODER_STEPS) {
-            Steps::Count(n) => n,
-            Steps::Auto(_) => {
-                // The text-encoder table is relative to the UNet steps, so a fixed
-                // UNet count still lets it resolve without the image count.
-                auto_text_encoder_steps(preset, unet_steps)
-                    .ok_or(ResolveError::AutoWithoutPreset { phase: "textEncoder" })?
-            }
-        };
+    let text_encoder_steps = match effective_steps(
+        preset,
+        training.text_encoder.steps,
+        DEFAULT_TEXT_ENCODER_STEPS,
+    ) {
+        Steps::Count(n) => n,
+        Steps::Auto(_) => {
+            // The text-encoder table is relative to the UNet steps, so a fixed
+            // UNet count still lets it resolve without the image count.
+            auto_text_encoder_steps(preset, unet_steps).ok_or(ResolveError::AutoWithoutPreset {
+                phase: "textEncoder",
+            })?
+        }
+    };
     let offset_noise = training.offset_noise.unwrap_or(match preset {
         Preset::Style => STYLE_OFFSET_NOISE,
         _ => 0.0,
@@ -111,7 +137,10 @@ pub fn resolve(training: &Training, images: Option<usize>) -> Result<ResolvedTra
         unet_steps,
         unet_learning_rate: training.unet.learning_rate.unwrap_or(DEFAULT_UNET_LR),
         text_encoder_steps,
-        text_encoder_learning_rate: training.text_encoder.learning_rate.unwrap_or(DEFAULT_TEXT_ENCODER_LR),
+        text_encoder_learning_rate: training
+            .text_encoder
+            .learning_rate
+            .unwrap_or(DEFAULT_TEXT_ENCODER_LR),
         offset_noise,
     })
 }
@@ -138,8 +167,14 @@ mod tests {
     fn training(preset: Preset, unet: Option<Steps>, text_encoder: Option<Steps>) -> Training {
         Training {
             preset,
-            unet: PhaseSpec { steps: unet, learning_rate: None },
-            text_encoder: PhaseSpec { steps: text_encoder, learning_rate: None },
+            unet: PhaseSpec {
+                steps: unet,
+                learning_rate: None,
+            },
+            text_encoder: PhaseSpec {
+                steps: text_encoder,
+                learning_rate: None,
+            },
             ..Training::default()
         }
     }
@@ -164,7 +199,11 @@ mod tests {
             (Preset::Object, 25, 2000),
         ];
         for (preset, images, expected) in cases {
-            assert_eq!(auto_unet_steps(preset, images), Some(expected), "{preset:?} with {images} images");
+            assert_eq!(
+                auto_unet_steps(preset, images),
+                Some(expected),
+                "{preset:?} with {images} images"
+            );
         }
         assert_eq!(auto_unet_steps(Preset::Custom, 10), None);
     }
@@ -217,11 +256,20 @@ mod tests {
     #[test]
     fn auto_needs_a_preset_and_the_image_count() {
         let custom_auto = training(Preset::Custom, Some(Steps::AUTO), None);
-        assert_eq!(resolve(&custom_auto, Some(10)), Err(ResolveError::AutoWithoutPreset { phase: "unet" }));
+        assert_eq!(
+            resolve(&custom_auto, Some(10)),
+            Err(ResolveError::AutoWithoutPreset { phase: "unet" })
+        );
         let face = training(Preset::Face, None, None);
-        assert_eq!(resolve(&face, None), Err(ResolveError::AutoWithoutImageCount { phase: "unet" }));
+        assert_eq!(
+            resolve(&face, None),
+            Err(ResolveError::AutoWithoutImageCount { phase: "unet" })
+        );
         assert!(!steps_known_without_images(&face));
         let face_fixed_unet = training(Preset::Face, Some(Steps::Count(1600)), None);
-        assert_eq!(resolve(&face_fixed_unet, None).unwrap().text_encoder_steps, 400);
+        assert_eq!(
+            resolve(&face_fixed_unet, None).unwrap().text_encoder_steps,
+            400
+        );
     }
 }

@@ -35,11 +35,22 @@ pub struct Session {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionFileError {
     #[error("{path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: not valid {format}: {message}")]
-    Syntax { path: String, format: &'static str, message: String },
+    Syntax {
+        path: String,
+        format: &'static str,
+        message: String,
+    },
     #[error("{path}: {field}: {message}")]
-    Field { path: String, field: String, message: String },
+    Field {
+        path: String,
+        field: String,
+        message: String,
+    },
     #[error("{path}: kind is `{kind}`, expected `DreamBoothSession`")]
     WrongKind { path: String, kind: String },
 }
@@ -48,15 +59,27 @@ impl Session {
     /// Reads and parses a session file; the format follows the extension (`.json` or YAML).
     pub fn load(path: &Path) -> Result<Session, SessionFileError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SessionFileError::Read { path: shown.clone(), source })?;
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("session");
-        let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let text = std::fs::read_to_string(path).map_err(|source| SessionFileError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("session");
+        let is_json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
         Session::parse(&text, is_json, &shown, stem)
     }
 
     /// Parses session text; `default_name` is used for a bare spec without `name`.
-    pub fn parse(text: &str, is_json: bool, path: &str, default_name: &str) -> Result<Session, SessionFileError> {
+    pub fn parse(
+        text: &str,
+        is_json: bool,
+        path: &str,
+        default_name: &str,
+    ) -> Result<Session, SessionFileError> {
         let value: Value = if is_json {
             serde_json::from_str(text).map_err(|e| SessionFileError::Syntax {
                 path: path.into(),
@@ -91,10 +114,16 @@ impl Session {
     }
 }
 
-fn manifest_parts(root: &mut Map<String, Value>, path: &str) -> Result<(String, Map<String, Value>), SessionFileError> {
+fn manifest_parts(
+    root: &mut Map<String, Value>,
+    path: &str,
+) -> Result<(String, Map<String, Value>), SessionFileError> {
     let kind = root.get("kind").and_then(Value::as_str).unwrap_or_default();
     if kind != "DreamBoothSession" {
-        return Err(SessionFileError::WrongKind { path: path.into(), kind: kind.into() });
+        return Err(SessionFileError::WrongKind {
+            path: path.into(),
+            kind: kind.into(),
+        });
     }
     let name = root
         .get("metadata")
@@ -121,5 +150,9 @@ fn deserialize_spec(spec: Value, path: &str) -> Result<SessionSpec, SessionFileE
 }
 
 fn field_error(path: &str, field: &str, message: &str) -> SessionFileError {
-    SessionFileError::Field { path: path.into(), field: field.into(), message: message.into() }
+    SessionFileError::Field {
+        path: path.into(),
+        field: field.into(),
+        message: message.into(),
+    }
 }

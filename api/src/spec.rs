@@ -105,7 +105,10 @@ impl BaseModel {
     pub fn effective_uri(&self) -> String {
         match (&self.uri, self.version) {
             (Some(uri), _) => uri.clone(),
-            (None, version) => version.unwrap_or(ModelVersion::Sd15).default_uri().to_owned(),
+            (None, version) => version
+                .unwrap_or(ModelVersion::Sd15)
+                .default_uri()
+                .to_owned(),
         }
     }
 }
@@ -332,7 +335,9 @@ mod auto_literal {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
         match String::deserialize(d)?.as_str() {
             "auto" => Ok(()),
-            other => Err(D::Error::custom(format!("expected `auto`, true or false, got `{other}`"))),
+            other => Err(D::Error::custom(format!(
+                "expected `auto`, true or false, got `{other}`"
+            ))),
         }
     }
 }
@@ -478,7 +483,8 @@ pub struct Storage {
     pub region: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`), needed by most self-hosted servers.
     #[serde(default)]
-    pub force_path_style: bool,    /// In a cluster: the Secret holding the access keys, handed to the trainer pod by
+    pub force_path_style: bool,
+    /// In a cluster: the Secret holding the access keys, handed to the trainer pod by
     /// `secretKeyRef` (the operator never reads it). Ignored by a local run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<CredentialsSecret>,

@@ -18,8 +18,8 @@ const DENIED_TOKENS: &[&str] = &[
 /// Common first names: allowed (a user may want exactly that), but they collide with
 /// what the base model already knows, so they get a warning.
 const FIRST_NAMES: &[&str] = &[
-    "anna", "alex", "john", "mary", "james", "david", "maria", "michael", "sarah", "emma",
-    "olga", "ivan", "elena", "peter", "paul", "laura", "lisa", "mark", "tom", "kate",
+    "anna", "alex", "john", "mary", "james", "david", "maria", "michael", "sarah", "emma", "olga",
+    "ivan", "elena", "peter", "paul", "laura", "lisa", "mark", "tom", "kate",
 ];
 
 /// URI schemes each kind of location accepts.
@@ -57,11 +57,15 @@ pub struct Report {
 
 impl Report {
     pub fn errors(&self) -> impl Iterator<Item = &Problem> {
-        self.problems.iter().filter(|p| p.severity == Severity::Error)
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
     }
 
     pub fn warnings(&self) -> impl Iterator<Item = &Problem> {
-        self.problems.iter().filter(|p| p.severity == Severity::Warning)
+        self.problems
+            .iter()
+            .filter(|p| p.severity == Severity::Warning)
     }
 
     pub fn is_valid(&self) -> bool {
@@ -77,7 +81,11 @@ impl Report {
     }
 
     fn push(&mut self, severity: Severity, path: &str, message: String) {
-        self.problems.push(Problem { severity, path: format!("spec.{path}"), message });
+        self.problems.push(Problem {
+            severity,
+            path: format!("spec.{path}"),
+            message,
+        });
     }
 }
 
@@ -90,7 +98,13 @@ pub fn validate(name: &str, spec: &SessionSpec) -> Report {
     check_training(&mut report, spec);
     check_checkpoints(&mut report, spec);
     check_samples(&mut report, spec);
-    check_uri(&mut report, "output.uri", &spec.output.uri, DATA_SCHEMES, true);
+    check_uri(
+        &mut report,
+        "output.uri",
+        &spec.output.uri,
+        DATA_SCHEMES,
+        true,
+    );
     report
 }
 
@@ -98,7 +112,9 @@ pub fn validate(name: &str, spec: &SessionSpec) -> Report {
 fn check_name(report: &mut Report, name: &str) {
     let valid = !name.is_empty()
         && name.len() <= 52
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if !valid {
@@ -118,10 +134,13 @@ fn check_base_model(report: &mut Report, spec: &SessionSpec) {
     if let Some(uri) = &model.uri {
         check_uri(report, "baseModel.uri", uri, MODEL_SCHEMES, true);
     }
-    if let Some(sha) = &model.sha256 {
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            report.error("baseModel.sha256", format!("`{sha}` is not 64 hexadecimal characters"));
-        }
+    if let Some(sha) = &model.sha256
+        && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        report.error(
+            "baseModel.sha256",
+            format!("`{sha}` is not 64 hexadecimal characters"),
+        );
     }
 }
 
@@ -133,26 +152,42 @@ fn check_dataset(report: &mut Report, spec: &SessionSpec) {
     }
     match dataset.captions {
         Captions::Prompt => match &dataset.instance_prompt {
-            None => report.error("dataset.instancePrompt", "required when captions is `prompt`"),
-            Some(prompt) if dataset.token.is_some() && !prompt.contains("{token}") => report
-                .error("dataset.instancePrompt", format!("`{prompt}` does not contain `{{token}}`")),
+            None => report.error(
+                "dataset.instancePrompt",
+                "required when captions is `prompt`",
+            ),
+            Some(prompt) if dataset.token.is_some() && !prompt.contains("{token}") => report.error(
+                "dataset.instancePrompt",
+                format!("`{prompt}` does not contain `{{token}}`"),
+            ),
             Some(_) => {}
         },
         Captions::Filename | Captions::External => {
             if dataset.instance_prompt.is_some() {
-                report.warn("dataset.instancePrompt", "ignored unless captions is `prompt`");
+                report.warn(
+                    "dataset.instancePrompt",
+                    "ignored unless captions is `prompt`",
+                );
             }
         }
     }
     let resolution = dataset.resolution;
-    if resolution % 64 != 0 {
-        report.error("dataset.resolution", format!("{resolution} is not a multiple of 64"));
+    if !resolution.is_multiple_of(64) {
+        report.error(
+            "dataset.resolution",
+            format!("{resolution} is not a multiple of 64"),
+        );
     } else if !(64..=2048).contains(&resolution) {
-        report.error("dataset.resolution", format!("{resolution} is outside 64 to 2048"));
+        report.error(
+            "dataset.resolution",
+            format!("{resolution} is outside 64 to 2048"),
+        );
     } else if !(256..=1024).contains(&resolution) {
         report.warn(
             "dataset.resolution",
-            format!("{resolution} is outside 256 to 1024, where Stable Diffusion 1 and 2 work well"),
+            format!(
+                "{resolution} is outside 256 to 1024, where Stable Diffusion 1 and 2 work well"
+            ),
         );
     }
     if let Some(prior) = &dataset.prior_preservation {
@@ -160,7 +195,13 @@ fn check_dataset(report: &mut Report, spec: &SessionSpec) {
             report.error("dataset.priorPreservation.classPrompt", "must not be empty");
         }
         if let Some(uri) = &prior.class_images_uri {
-            check_uri(report, "dataset.priorPreservation.classImagesUri", uri, DATA_SCHEMES, true);
+            check_uri(
+                report,
+                "dataset.priorPreservation.classImagesUri",
+                uri,
+                DATA_SCHEMES,
+                true,
+            );
         }
         if !(1..=10_000).contains(&prior.num_class_images) {
             report.error(
@@ -178,9 +219,14 @@ fn check_dataset(report: &mut Report, spec: &SessionSpec) {
 }
 
 fn check_token(report: &mut Report, token: &str) {
-    let charset_ok = token.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let charset_ok = token
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if !(3..=24).contains(&token.len()) || !charset_ok {
-        report.error("dataset.token", format!("`{token}` must be 3 to 24 characters of a-z and 0-9"));
+        report.error(
+            "dataset.token",
+            format!("`{token}` must be 3 to 24 characters of a-z and 0-9"),
+        );
     } else if DENIED_TOKENS.contains(&token) {
         report.error(
             "dataset.token",
@@ -198,18 +244,24 @@ fn check_training(report: &mut Report, spec: &SessionSpec) {
     let training = &spec.training;
     for (path, lr) in [
         ("training.unet.learningRate", training.unet.learning_rate),
-        ("training.textEncoder.learningRate", training.text_encoder.learning_rate),
+        (
+            "training.textEncoder.learningRate",
+            training.text_encoder.learning_rate,
+        ),
     ] {
-        if let Some(lr) = lr {
-            if !(lr > 0.0 && lr <= MAX_LEARNING_RATE) {
-                report.error(path, format!("{lr:e} is outside (0, 1e-3]"));
-            }
+        if let Some(lr) = lr
+            && !(lr > 0.0 && lr <= MAX_LEARNING_RATE)
+        {
+            report.error(path, format!("{lr:e} is outside (0, 1e-3]"));
         }
     }
     match presets::resolve(training, None) {
         Ok(resolved) => {
             if resolved.total_steps() == 0 {
-                report.error("training", "unet.steps and textEncoder.steps are both 0: nothing to train");
+                report.error(
+                    "training",
+                    "unet.steps and textEncoder.steps are both 0: nothing to train",
+                );
             }
             if resolved.text_encoder_learning_rate > resolved.unet_learning_rate {
                 report.warn(
@@ -224,50 +276,77 @@ fn check_training(report: &mut Report, spec: &SessionSpec) {
             if start_from > resolved.total_steps() {
                 report.error(
                     "checkpoints.startFrom",
-                    format!("{start_from} is beyond the session's {} steps", resolved.total_steps()),
+                    format!(
+                        "{start_from} is beyond the session's {} steps",
+                        resolved.total_steps()
+                    ),
                 );
             }
             let warmup = training.lr_warmup_steps;
             if warmup > resolved.unet_steps.max(resolved.text_encoder_steps) {
-                report.error("training.lrWarmupSteps", format!("{warmup} is longer than either phase"));
+                report.error(
+                    "training.lrWarmupSteps",
+                    format!("{warmup} is longer than either phase"),
+                );
             }
         }
         Err(ResolveError::AutoWithoutPreset { phase }) => {
-            report.error(&format!("training.{phase}.steps"), "`auto` needs a preset (face, style or object)");
+            report.error(
+                &format!("training.{phase}.steps"),
+                "`auto` needs a preset (face, style or object)",
+            );
         }
         // Counted once the images are read; the table never yields 0 steps.
         Err(ResolveError::AutoWithoutImageCount { .. }) => {}
     }
-    if let Some(Steps::Count(0)) = training.unet.steps {
-        if training.text_encoder.steps == Some(Steps::AUTO) {
-            report.error("training.textEncoder.steps", "`auto` is relative to the UNet steps, which are 0");
-        }
+    if let Some(Steps::Count(0)) = training.unet.steps
+        && training.text_encoder.steps == Some(Steps::AUTO)
+    {
+        report.error(
+            "training.textEncoder.steps",
+            "`auto` is relative to the UNet steps, which are 0",
+        );
     }
     if !(1..=64).contains(&training.batch_size) {
-        report.error("training.batchSize", format!("{} is outside 1 to 64", training.batch_size));
+        report.error(
+            "training.batchSize",
+            format!("{} is outside 1 to 64", training.batch_size),
+        );
     }
-    if let Some(offset) = training.offset_noise {
-        if !(0.0..=1.0).contains(&offset) {
-            report.error("training.offsetNoise", format!("{offset} is outside 0 to 1"));
-        }
+    if let Some(offset) = training.offset_noise
+        && !(0.0..=1.0).contains(&offset)
+    {
+        report.error(
+            "training.offsetNoise",
+            format!("{offset} is outside 0 to 1"),
+        );
     }
-    if let Some(gamma) = training.min_snr_gamma {
-        if !(gamma > 0.0 && gamma <= 100.0) {
-            report.error("training.minSnrGamma", format!("{gamma} is outside (0, 100]"));
-        }
+    if let Some(gamma) = training.min_snr_gamma
+        && !(gamma > 0.0 && gamma <= 100.0)
+    {
+        report.error(
+            "training.minSnrGamma",
+            format!("{gamma} is outside (0, 100]"),
+        );
     }
 }
 
 fn check_checkpoints(report: &mut Report, spec: &SessionSpec) {
     let checkpoints = &spec.checkpoints;
     if checkpoints.every == Some(0) {
-        report.error("checkpoints.every", "must be at least 1 (leave it out to turn checkpoints off)");
+        report.error(
+            "checkpoints.every",
+            "must be at least 1 (leave it out to turn checkpoints off)",
+        );
     }
     if checkpoints.formats.is_empty() {
         report.error("checkpoints.formats", "must name at least one format");
     }
     if checkpoints.keep_last_states == 0 {
-        report.error("checkpoints.keepLastStates", "must be at least 1 so the session can resume");
+        report.error(
+            "checkpoints.keepLastStates",
+            "must be at least 1 so the session can resume",
+        );
     }
 }
 
@@ -276,7 +355,10 @@ fn check_samples(report: &mut Report, spec: &SessionSpec) {
     if samples.prompts.len() > MAX_SAMPLE_PROMPTS {
         report.error(
             "samples.prompts",
-            format!("{} prompts, at most {MAX_SAMPLE_PROMPTS} allowed", samples.prompts.len()),
+            format!(
+                "{} prompts, at most {MAX_SAMPLE_PROMPTS} allowed",
+                samples.prompts.len()
+            ),
         );
     }
     for (index, prompt) in samples.prompts.iter().enumerate() {
@@ -285,16 +367,28 @@ fn check_samples(report: &mut Report, spec: &SessionSpec) {
         }
     }
     if !(1..=1000).contains(&samples.steps) {
-        report.error("samples.steps", format!("{} is outside 1 to 1000", samples.steps));
+        report.error(
+            "samples.steps",
+            format!("{} is outside 1 to 1000", samples.steps),
+        );
     }
     if !(samples.guidance_scale >= 0.0 && samples.guidance_scale <= 50.0) {
-        report.error("samples.guidanceScale", format!("{} is outside 0 to 50", samples.guidance_scale));
+        report.error(
+            "samples.guidanceScale",
+            format!("{} is outside 0 to 50", samples.guidance_scale),
+        );
     }
-    for (path, size) in [("samples.width", samples.width), ("samples.height", samples.height)] {
-        if let Some(size) = size {
-            if size % 8 != 0 || !(64..=2048).contains(&size) {
-                report.error(path, format!("{size} must be a multiple of 8 from 64 to 2048"));
-            }
+    for (path, size) in [
+        ("samples.width", samples.width),
+        ("samples.height", samples.height),
+    ] {
+        if let Some(size) = size
+            && (size % 8 != 0 || !(64..=2048).contains(&size))
+        {
+            report.error(
+                path,
+                format!("{size} must be a multiple of 8 from 64 to 2048"),
+            );
         }
     }
 }
@@ -314,12 +408,22 @@ fn check_uri(report: &mut Report, path: &str, uri: &str, schemes: &[&str], requi
         }
         Some((scheme, _)) => report.error(
             path,
-            format!("scheme `{scheme}` is not supported here; use one of {}", scheme_list(schemes)),
+            format!(
+                "scheme `{scheme}` is not supported here; use one of {}",
+                scheme_list(schemes)
+            ),
         ),
-        None => report.error(path, format!("`{uri}` is not a URI; use one of {}", scheme_list(schemes))),
+        None => report.error(
+            path,
+            format!("`{uri}` is not a URI; use one of {}", scheme_list(schemes)),
+        ),
     }
 }
 
 fn scheme_list(schemes: &[&str]) -> String {
-    schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
+    schemes
+        .iter()
+        .map(|s| format!("{s}://"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -36,7 +36,13 @@ fn a_kubectl_manifest_takes_its_name_from_metadata() {
 fn a_bare_spec_takes_its_name_from_the_field_or_the_file_stem() {
     let named = parse_yaml("name: rex\ndataset:\n  uri: file:///d\n").unwrap();
     assert_eq!(named.name, "rex");
-    let unnamed = Session::parse("dataset:\n  uri: file:///d\n", false, "x/quick.yaml", "quick").unwrap();
+    let unnamed = Session::parse(
+        "dataset:\n  uri: file:///d\n",
+        false,
+        "x/quick.yaml",
+        "quick",
+    )
+    .unwrap();
     assert_eq!(unnamed.name, "quick");
 }
 
@@ -51,7 +57,10 @@ fn json_session_files_parse() {
     .unwrap();
     assert_eq!(session.spec.training.preset, Preset::Style);
     assert_eq!(session.spec.training.unet.steps, Some(Steps::AUTO));
-    assert_eq!(session.spec.training.text_encoder.steps, Some(Steps::Count(300)));
+    assert_eq!(
+        session.spec.training.text_encoder.steps,
+        Some(Steps::Count(300))
+    );
 }
 
 #[test]
@@ -61,7 +70,10 @@ fn gradient_checkpointing_is_auto_or_a_boolean() {
     assert!(parse("true").is_ok());
     assert!(parse("false").is_ok());
     let error = parse("sometimes").unwrap_err().to_string();
-    assert!(error.contains("spec.training.gradientCheckpointing"), "{error}");
+    assert!(
+        error.contains("spec.training.gradientCheckpointing"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -75,14 +87,18 @@ fn cluster_only_fields_are_ignored_by_a_local_run() {
 
 #[test]
 fn a_misspelt_field_is_named_with_its_path() {
-    let error = parse_yaml("dataset:\n  uri: file:///d\n  resolutoin: 768\n").unwrap_err().to_string();
+    let error = parse_yaml("dataset:\n  uri: file:///d\n  resolutoin: 768\n")
+        .unwrap_err()
+        .to_string();
     assert!(error.starts_with("session.yaml: spec.dataset"), "{error}");
     assert!(error.contains("resolutoin"), "{error}");
 }
 
 #[test]
 fn a_wrong_type_is_named_with_its_path() {
-    let error = parse_yaml("training:\n  unet:\n    steps: many\n").unwrap_err().to_string();
+    let error = parse_yaml("training:\n  unet:\n    steps: many\n")
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("spec.training.unet.steps"), "{error}");
 }
 
@@ -90,7 +106,12 @@ fn a_wrong_type_is_named_with_its_path() {
 fn broken_yaml_names_the_file() {
     let error = parse_yaml("dataset:\n  uri: [unclosed\n").unwrap_err();
     assert!(matches!(error, SessionFileError::Syntax { .. }));
-    assert!(error.to_string().starts_with("session.yaml: not valid YAML"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("session.yaml: not valid YAML"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -102,7 +123,10 @@ fn another_kind_is_refused() {
 #[test]
 fn a_missing_file_names_the_path() {
     let error = Session::load(Path::new("/nonexistent/anna.yaml")).unwrap_err();
-    assert!(error.to_string().starts_with("/nonexistent/anna.yaml:"), "{error}");
+    assert!(
+        error.to_string().starts_with("/nonexistent/anna.yaml:"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -115,7 +139,8 @@ fn every_example_session_is_valid() {
         let errors: Vec<String> = report.errors().map(|p| p.to_string()).collect();
         assert!(errors.is_empty(), "{}: {errors:?}", file.display());
     }
-    let face = Session::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/face.yaml")).unwrap();
+    let face = Session::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/face.yaml"))
+        .unwrap();
     assert_eq!(face.spec.base_model.version, Some(ModelVersion::Sd15));
 }
 
@@ -134,6 +159,9 @@ fn the_invalid_example_fails_with_every_problem() {
         "spec.samples.steps",
         "spec.output.uri",
     ] {
-        assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {paths:?}"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! "Operator" work; for now it only checks its arguments.
 
 fn main() {
-    eprintln!("dreambooth-operator: the controller is not implemented yet; `crdgen` prints the CRD");
+    eprintln!(
+        "dreambooth-operator: the controller is not implemented yet; `crdgen` prints the CRD"
+    );
     std::process::exit(2);
 }

@@ -30,7 +30,11 @@ fn cel_rules(schema: &Value, out: &mut Vec<String>) {
     match schema {
         Value::Object(map) => {
             if let Some(Value::Array(rules)) = map.get("x-kubernetes-validations") {
-                out.extend(rules.iter().filter_map(|r| r["rule"].as_str().map(str::to_owned)));
+                out.extend(
+                    rules
+                        .iter()
+                        .filter_map(|r| r["rule"].as_str().map(str::to_owned)),
+                );
             }
             map.values().for_each(|v| cel_rules(v, out));
         }
@@ -55,7 +59,10 @@ fn crd_identity_and_printer_columns() {
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     assert_eq!(crd["spec"]["names"]["shortNames"][0], "dbs");
     assert_eq!(version(&crd)["name"], "v1alpha1");
-    assert!(version(&crd)["subresources"]["status"].is_object(), "no status subresource");
+    assert!(
+        version(&crd)["subresources"]["status"].is_object(),
+        "no status subresource"
+    );
     let columns: Vec<&str> = version(&crd)["additionalPrinterColumns"]
         .as_array()
         .unwrap()
@@ -70,15 +77,25 @@ fn crd_has_cel_rules_for_the_ranges() {
     let crd = generated_crd();
     let mut rules = Vec::new();
     cel_rules(spec_schema(&crd), &mut rules);
-    for needle in ["% 64 == 0", "self <= 0.001", "size(self) <= 16", "^[a-z0-9]{3,24}$", "'auto'"] {
-        assert!(rules.iter().any(|r| r.contains(needle)), "no CEL rule with `{needle}` in {rules:?}");
+    for needle in [
+        "% 64 == 0",
+        "self <= 0.001",
+        "size(self) <= 16",
+        "^[a-z0-9]{3,24}$",
+        "'auto'",
+    ] {
+        assert!(
+            rules.iter().any(|r| r.contains(needle)),
+            "no CEL rule with `{needle}` in {rules:?}"
+        );
     }
 }
 
 #[test]
 fn conditions_are_a_map_keyed_by_type() {
     let crd = generated_crd();
-    let conditions = &version(&crd)["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    let conditions = &version(&crd)["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        ["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
     assert_eq!(conditions["x-kubernetes-list-map-keys"][0], "type");
 }
@@ -87,8 +104,19 @@ fn conditions_are_a_map_keyed_by_type() {
 fn cluster_only_fields_are_exactly_the_cluster_spec() {
     let crd = generated_crd();
     let properties = spec_schema(&crd)["properties"].as_object().unwrap();
-    for field in ["baseModel", "dataset", "training", "checkpoints", "samples", "output", "storage"] {
-        assert!(properties.contains_key(field), "spec.{field} missing from the CRD");
+    for field in [
+        "baseModel",
+        "dataset",
+        "training",
+        "checkpoints",
+        "samples",
+        "output",
+        "storage",
+    ] {
+        assert!(
+            properties.contains_key(field),
+            "spec.{field} missing from the CRD"
+        );
         assert!(!CLUSTER_ONLY_FIELDS.contains(&field));
     }
     let cluster_fields = serde_json::to_value(dreambooth_api::crd::ClusterSpec {
@@ -101,7 +129,13 @@ fn cluster_only_fields_are_exactly_the_cluster_spec() {
     })
     .unwrap();
     for field in cluster_fields.as_object().unwrap().keys() {
-        assert!(CLUSTER_ONLY_FIELDS.contains(&field.as_str()), "{field} is not in CLUSTER_ONLY_FIELDS");
-        assert!(properties.contains_key(field), "spec.{field} missing from the CRD");
+        assert!(
+            CLUSTER_ONLY_FIELDS.contains(&field.as_str()),
+            "{field} is not in CLUSTER_ONLY_FIELDS"
+        );
+        assert!(
+            properties.contains_key(field),
+            "spec.{field} missing from the CRD"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! checkpoint loading and the command-line tools built on them.
 
 pub mod checkpoint;
+pub mod data;
 pub mod models;
 pub mod runtime;
 pub mod schedulers;

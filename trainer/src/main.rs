@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "dreambooth-trainer", version, about = "DreamBooth fine-tuning of Stable Diffusion")]
+#[command(
+    name = "dreambooth-trainer",
+    version,
+    about = "DreamBooth fine-tuning of Stable Diffusion"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -17,7 +17,11 @@ fn validate(file: &Path) -> (i32, String, String) {
         .output()
         .expect("the trainer binary runs");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
 }
 
 #[test]
@@ -46,7 +50,10 @@ fn a_bad_session_lists_every_problem_and_exits_with_bad_config() {
         "spec.training.unet.learningRate",
         "spec.output.uri: required",
     ] {
-        assert!(stderr.contains(expected), "`{expected}` missing from:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "`{expected}` missing from:\n{stderr}"
+        );
     }
 }
 
@@ -57,6 +64,9 @@ fn an_unparseable_file_names_the_file_and_field() {
     std::fs::write(&file, "dataset:\n  uri: file:///d\n  resolutoin: 512\n").unwrap();
     let (code, _, stderr) = validate(&file);
     assert_eq!(code, ExitKind::BadConfig.code());
-    assert!(stderr.contains("typo.yaml") && stderr.contains("spec.dataset"), "{stderr}");
+    assert!(
+        stderr.contains("typo.yaml") && stderr.contains("spec.dataset"),
+        "{stderr}"
+    );
     assert!(stderr.contains("resolutoin"), "{stderr}");
 }

@@ -29,6 +29,10 @@ if [[ ! -e "$SITE/nvidia/cu13/bin/nvcc" ]]; then
   echo "bootstrap: installing $CUDA_TOOLKIT (headers for the C++ shim)"
   "$VENV/bin/python" -m pip install --quiet "$CUDA_TOOLKIT"
 fi
+if [[ -z "$(have numpy)" ]]; then
+  # torch warns on every start without it.
+  "$VENV/bin/python" -m pip install --quiet numpy
+fi
 if [[ -z "$(have moto)" ]]; then
   echo "bootstrap: installing moto[server] (the S3 server used by the end-to-end tests)"
   "$VENV/bin/python" -m pip install --quiet "moto[server]"

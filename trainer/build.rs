@@ -1,32 +1,59 @@
 //! Link-time wiring for libtorch that torch-sys leaves to the final binary:
-//! an rpath to the libtorch lib folder, so binaries and tests run without
-//! `LD_LIBRARY_PATH`, and `torch_cuda` forced in with `--no-as-needed`.
-//! Nothing in our code references a `torch_cuda` symbol directly (kernels register
-//! themselves from static initialisers), so a plain `-ltorch_cuda` would be dropped
-//! by the linker and CUDA would report unavailable on a GPU machine.
+//! - an rpath to the libtorch lib folder, so binaries and tests run without
+//!   `LD_LIBRARY_PATH`;
+//! - `torch_cuda` forced in with `--no-as-needed`: nothing references its symbols
+//!   directly (kernels register from static initialisers), so a plain `-ltorch_cuda`
+//!   would be dropped and CUDA would report unavailable on a GPU machine;
+//! - the C++ shim in `csrc/` (autocast dtype, TF32, allocator statistics), compiled
+//!   against the libtorch and CUDA headers when both are present.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
-    let Some(lib_dir) = libtorch_lib_dir() else {
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo::rustc-check-cfg=cfg(dbt_cuda_shim)");
+    let Some(torch_dir) = env::var("LIBTORCH").ok().map(PathBuf::from) else {
         println!("cargo:warning=LIBTORCH is not set; run scripts/bootstrap-libtorch.sh");
         return;
     };
     // Canonical, so the rpath does not depend on the .venv-torch link being relative.
-    let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
+    let torch_dir = torch_dir.canonicalize().unwrap_or(torch_dir);
+    let lib_dir = env::var("LIBTORCH_LIB").map(|l| PathBuf::from(l).join("lib")).unwrap_or_else(|_| torch_dir.join("lib"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
-    if lib_dir.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-search=native={}", lib_dir.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
+    if !lib_dir.join("libtorch_cuda.so").exists() {
+        return;
+    }
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
+    if let Some(cuda_include) = cuda_headers(&torch_dir) {
+        compile_shim(&torch_dir, &cuda_include);
+        println!("cargo:rustc-cfg=dbt_cuda_shim");
+    } else {
+        println!("cargo:warning=CUDA headers not found beside libtorch; building without the CUDA shim");
     }
 }
 
-fn libtorch_lib_dir() -> Option<PathBuf> {
-    if let Ok(lib) = env::var("LIBTORCH_LIB") {
-        return Some(PathBuf::from(lib).join("lib"));
-    }
-    env::var("LIBTORCH").ok().map(|root| PathBuf::from(root).join("lib"))
+/// The pip CUDA toolkit puts its headers in `site-packages/nvidia/cu13/include`, a
+/// sibling of the `torch` folder.
+fn cuda_headers(torch_dir: &Path) -> Option<PathBuf> {
+    let include = torch_dir.parent()?.join("nvidia/cu13/include");
+    include.join("cuda_runtime_api.h").exists().then_some(include)
+}
+
+fn compile_shim(torch_dir: &Path, cuda_include: &Path) {
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/shim.cpp")
+        .include(torch_dir.join("include"))
+        .include(torch_dir.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false)
+        .compile("dbt_shim");
 }

@@ -1,9 +1,13 @@
 //! DreamBooth fine-tuning of Stable Diffusion on libtorch: models, schedulers,
 //! checkpoint loading and the command-line tools built on them.
 
+pub mod bench;
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod models;
+pub mod pipeline;
 pub mod runtime;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;

@@ -3,6 +3,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use dreambooth_api::{ExitKind, Session, validate};
+use dreambooth_trainer::bench;
+use dreambooth_trainer::models::versions::KnownVersion;
 use dreambooth_trainer::runtime::RuntimeInfo;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,11 +24,48 @@ struct Cli {
 enum Command {
     /// Print the libtorch runtime: CUDA availability and a matmul check, as JSON.
     Info,
+    /// Time training steps of the full-size architecture with random weights.
+    Bench(BenchArgs),
     /// Check a session file (YAML or JSON, manifest or bare spec) and print every problem.
     Validate {
         /// The session file.
         file: PathBuf,
     },
+    /// Generate one image from a model with a prompt, as diffusers would with the same seed.
+    Sample(dreambooth_trainer::pipeline::SampleArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value = "sd15")]
+    arch: Arch,
+    #[arg(long, default_value_t = 512)]
+    resolution: i64,
+    #[arg(long, default_value_t = 1)]
+    batch: i64,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Untimed steps first (allocator and cuDNN warm-up).
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Only the eager path exists so far; accepted for the fast path's command line.
+    #[arg(long)]
+    eager: bool,
+    /// A tiny UNet, for smoke tests on the CPU.
+    #[arg(long)]
+    tiny: bool,
+    /// fp32 instead of bf16 autocast.
+    #[arg(long)]
+    fp32: bool,
+    /// `cuda` when available, else `cpu`.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Arch {
+    Sd15,
+    Sd21,
 }
 
 fn main() -> Result<ExitCode> {
@@ -42,6 +81,27 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { file } => Ok(validate_file(&file)),
+        Command::Bench(args) => {
+            let report = bench::bench_unet_phase(&bench_config(&args)?);
+            eprintln!(
+                "{} {}x{} batch {}: {:.2} steps/s, {:.2} images/s, {:.1} ms/step, peak {} GiB, floor fraction {}",
+                report.arch,
+                report.resolution,
+                report.resolution,
+                report.batch,
+                report.steps_per_second,
+                report.images_per_second,
+                report.ms_per_step,
+                report.peak_gib.map_or("-".into(), |g| format!("{g:.2}")),
+                report.fraction_of_floor.map_or("-".into(), |f| format!("{f:.3}")),
+            );
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sample(args) => {
+            dreambooth_trainer::pipeline::run_sample(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -66,6 +126,28 @@ fn validate_file(file: &Path) -> ExitCode {
     }
     println!("{}: session `{}` is valid", file.display(), session.name);
     exit(ExitKind::Succeeded)
+}
+
+fn bench_config(args: &BenchArgs) -> Result<bench::BenchConfig> {
+    let device = match args.device.as_deref() {
+        None => tch::Device::cuda_if_available(),
+        Some("cpu") => tch::Device::Cpu,
+        Some("cuda") => tch::Device::Cuda(0),
+        Some(other) => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
+    Ok(bench::BenchConfig {
+        version: match args.arch {
+            Arch::Sd15 => KnownVersion::Sd15,
+            Arch::Sd21 => KnownVersion::Sd21,
+        },
+        tiny: args.tiny,
+        resolution: args.resolution,
+        batch: args.batch,
+        steps: args.steps,
+        warmup: args.warmup,
+        device,
+        bf16: !args.fp32,
+    })
 }
 
 fn exit(kind: ExitKind) -> ExitCode {

@@ -42,13 +42,23 @@ pub struct Attention {
 pub fn attention(p: nn::Path, cfg: &AttentionConfig) -> Attention {
     let inner = cfg.heads * cfg.dim_head;
     let kv_dim = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
-    let qkv = nn::LinearConfig { bias: cfg.bias, ..Default::default() };
+    let qkv = nn::LinearConfig {
+        bias: cfg.bias,
+        ..Default::default()
+    };
     Attention {
-        group_norm: cfg.spatial_norm.map(|(groups, eps)| group_norm(&p / "group_norm", groups, cfg.query_dim, eps)),
+        group_norm: cfg
+            .spatial_norm
+            .map(|(groups, eps)| group_norm(&p / "group_norm", groups, cfg.query_dim, eps)),
         to_q: nn::linear(&p / "to_q", cfg.query_dim, inner, qkv),
         to_k: nn::linear(&p / "to_k", kv_dim, inner, qkv),
         to_v: nn::linear(&p / "to_v", kv_dim, inner, qkv),
-        to_out: nn::linear(&p / "to_out" / "0", inner, cfg.query_dim, Default::default()),
+        to_out: nn::linear(
+            &p / "to_out" / "0",
+            inner,
+            cfg.query_dim,
+            Default::default(),
+        ),
         heads: cfg.heads,
         upcast: cfg.upcast,
     }
@@ -60,18 +70,34 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
         let context = context.unwrap_or(xs);
         let batch = xs.size()[0];
-        let split_heads = |t: Tensor| t.view([batch, -1, self.heads, t.size()[2] / self.heads]).transpose(1, 2);
+        let split_heads = |t: Tensor| {
+            t.view([batch, -1, self.heads, t.size()[2] / self.heads])
+                .transpose(1, 2)
+        };
         let q = split_heads(self.to_q.forward(xs));
         let k = split_heads(self.to_k.forward(context));
         let v = split_heads(self.to_v.forward(context));
         let kind = q.kind();
         let upcast = self.upcast && matches!(kind, Kind::Half | Kind::BFloat16);
         let (q, k, v) = if upcast {
-            (q.to_kind(Kind::Float), k.to_kind(Kind::Float), v.to_kind(Kind::Float))
+            (
+                q.to_kind(Kind::Float),
+                k.to_kind(Kind::Float),
+                v.to_kind(Kind::Float),
+            )
         } else {
             (q, k, v)
         };
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         let out = out.transpose(1, 2).flatten(2, 3).to_kind(kind);
         self.to_out.forward(&out)
     }
@@ -79,12 +105,14 @@ impl Attention {
     /// Self-attention over the pixels of a `[B, C, H, W]` map, with the group norm
     /// and the residual connection of the VAE's mid block.
     pub fn forward_spatial(&self, xs: &Tensor) -> Tensor {
-        let (b, c, h, w) = xs.size4().expect("spatial attention input must be [B, C, H, W]");
+        let (b, c, h, w) = xs
+            .size4()
+            .expect("spatial attention input must be [B, C, H, W]");
         let normed = match &self.group_norm {
             Some(norm) => norm.forward(xs),
             None => xs.shallow_clone(),
         };
-        let tokens = normed.view([b, c, h * w]).transpose(1, 2);
+        let tokens = normed.reshape([b, c, h * w]).transpose(1, 2);
         let out = self.forward(&tokens, None);
         out.transpose(1, 2).reshape([b, c, h, w]) + xs
     }
@@ -101,7 +129,12 @@ pub struct FeedForward {
 pub fn feed_forward(p: nn::Path, dim: i64, mult: i64) -> FeedForward {
     let inner = dim * mult;
     FeedForward {
-        geglu_proj: nn::linear(&p / "net" / "0" / "proj", dim, inner * 2, Default::default()),
+        geglu_proj: nn::linear(
+            &p / "net" / "0" / "proj",
+            dim,
+            inner * 2,
+            Default::default(),
+        ),
         out: nn::linear(&p / "net" / "2", inner, dim, Default::default()),
     }
 }
@@ -229,18 +262,30 @@ pub fn transformer_2d_model(p: nn::Path, cfg: &Transformer2DConfig) -> Transform
     Transformer2DModel {
         // diffusers fixes this eps at 1e-6 whatever the UNet's norm_eps.
         norm: group_norm(&p / "norm", cfg.norm_num_groups, cfg.in_channels, 1e-6),
-        proj_in: Projection::new(&p / "proj_in", cfg.in_channels, inner, cfg.use_linear_projection),
+        proj_in: Projection::new(
+            &p / "proj_in",
+            cfg.in_channels,
+            inner,
+            cfg.use_linear_projection,
+        ),
         transformer_blocks: (0..cfg.num_layers)
             .map(|i| basic_transformer_block(&blocks / i, &block_cfg))
             .collect(),
-        proj_out: Projection::new(&p / "proj_out", inner, cfg.in_channels, cfg.use_linear_projection),
+        proj_out: Projection::new(
+            &p / "proj_out",
+            inner,
+            cfg.in_channels,
+            cfg.use_linear_projection,
+        ),
     }
 }
 
 impl Transformer2DModel {
     /// `xs` is `[B, C, H, W]`, `context` the text embeddings `[B, S, cross_attention_dim]`.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Tensor {
-        let (b, _, h, w) = xs.size4().expect("Transformer2DModel input must be [B, C, H, W]");
+        let (b, _, h, w) = xs
+            .size4()
+            .expect("Transformer2DModel input must be [B, C, H, W]");
         let normed = self.norm.forward(xs);
         let to_tokens = |t: &Tensor| {
             let c = t.size()[1];
@@ -298,7 +343,9 @@ mod tests {
         let k = heads(attn.to_k.forward(&ctx));
         let v = heads(attn.to_v.forward(&ctx));
         let weights = (q.matmul(&k.transpose(-1, -2)) / 2.0).softmax(-1, Kind::Float);
-        let expected = attn.to_out.forward(&weights.matmul(&v).transpose(1, 2).reshape([2, 5, 8]));
+        let expected = attn
+            .to_out
+            .forward(&weights.matmul(&v).transpose(1, 2).reshape([2, 5, 8]));
         let err = (got - expected).abs().max().double_value(&[]);
         assert!(err < 1e-5, "max abs error {err}");
     }
@@ -352,10 +399,16 @@ mod tests {
             "transformer_blocks.0.norm3.bias",
             "proj_out.weight",
         ] {
-            assert!(names.iter().any(|n| n == expected), "missing {expected} in {names:?}");
+            assert!(
+                names.iter().any(|n| n == expected),
+                "missing {expected} in {names:?}"
+            );
         }
         assert!(!names.iter().any(|n| n.contains("to_q.bias")), "{names:?}");
-        assert_eq!(vs.variables()["transformer_blocks.0.attn2.to_k.weight"].size(), vec![8, 6]);
+        assert_eq!(
+            vs.variables()["transformer_blocks.0.attn2.to_k.weight"].size(),
+            vec![8, 6]
+        );
         let xs = Tensor::randn([2, 8, 3, 5], (Kind::Float, Device::Cpu));
         let ctx = Tensor::randn([2, 7, 6], (Kind::Float, Device::Cpu));
         assert_eq!(t.forward(&xs, &ctx).size(), vec![2, 8, 3, 5]);

@@ -70,14 +70,24 @@ impl Default for ClipTextConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ClipConfigError {
     #[error("cannot read text encoder config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid text encoder config {path}: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error(
         "invalid text encoder config {path}: hidden_size {hidden_size} is not divisible by \
          num_attention_heads {heads}"
     )]
-    Heads { path: PathBuf, hidden_size: i64, heads: i64 },
+    Heads {
+        path: PathBuf,
+        hidden_size: i64,
+        heads: i64,
+    },
 }
 
 impl ClipTextConfig {
@@ -112,10 +122,14 @@ impl ClipTextConfig {
     /// Reads `config.json`, naming the file in any error.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ClipConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ClipConfigError::Read { path: path.to_owned(), source })?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|source| ClipConfigError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ClipConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| ClipConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(ClipConfigError::Heads {
                 path: path.to_owned(),
@@ -183,9 +197,11 @@ impl ClipAttention {
         let k = split(self.k_proj.forward(xs));
         let v = split(self.v_proj.forward(xs));
         // The default scale is head_dim^-0.5, the same as CLIP's.
-        let attn =
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false);
-        self.out_proj.forward(&attn.transpose(1, 2).reshape([b, s, d]))
+        let attn = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, true, None, false,
+        );
+        self.out_proj
+            .forward(&attn.transpose(1, 2).reshape([b, s, d]))
     }
 }
 
@@ -198,8 +214,18 @@ struct ClipMlp {
 
 fn clip_mlp(p: nn::Path, cfg: &ClipTextConfig) -> ClipMlp {
     ClipMlp {
-        fc1: nn::linear(&p / "fc1", cfg.hidden_size, cfg.intermediate_size, Default::default()),
-        fc2: nn::linear(&p / "fc2", cfg.intermediate_size, cfg.hidden_size, Default::default()),
+        fc1: nn::linear(
+            &p / "fc1",
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            Default::default(),
+        ),
+        fc2: nn::linear(
+            &p / "fc2",
+            cfg.intermediate_size,
+            cfg.hidden_size,
+            Default::default(),
+        ),
         act: cfg.hidden_act,
     }
 }
@@ -220,7 +246,10 @@ struct ClipEncoderLayer {
 }
 
 fn layer_norm(p: nn::Path, cfg: &ClipTextConfig) -> nn::LayerNorm {
-    let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+    let ln = nn::LayerNormConfig {
+        eps: cfg.layer_norm_eps,
+        ..Default::default()
+    };
     nn::layer_norm(p, vec![cfg.hidden_size], ln)
 }
 
@@ -270,7 +299,9 @@ pub fn clip_text_model(p: nn::Path, cfg: &ClipTextConfig) -> ClipTextModel {
             cfg.hidden_size,
             Default::default(),
         ),
-        layers: (0..cfg.num_hidden_layers).map(|i| clip_encoder_layer(&layers / i, cfg)).collect(),
+        layers: (0..cfg.num_hidden_layers)
+            .map(|i| clip_encoder_layer(&layers / i, cfg))
+            .collect(),
         final_layer_norm: layer_norm(&p / "final_layer_norm", cfg),
         eos_token_id: cfg.eos_token_id,
     }
@@ -285,7 +316,11 @@ impl ClipTextModel {
     /// Like [`forward`](Self::forward) but stops `clip_skip` layers before the end and
     /// applies the final layer norm there, as diffusers' `clip_skip` does.
     pub fn forward_with_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> ClipTextOutput {
-        let seq = input_ids.size().last().copied().expect("input_ids has a sequence dimension");
+        let seq = input_ids
+            .size()
+            .last()
+            .copied()
+            .expect("input_ids has a sequence dimension");
         let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device()));
         let mut xs = self.token_embedding.forward(input_ids)
             + self.position_embedding.forward(&positions).unsqueeze(0);
@@ -297,7 +332,10 @@ impl ClipTextModel {
         let eos = self.eos_positions(input_ids);
         let rows = Tensor::arange(eos.size()[0], (Kind::Int64, input_ids.device()));
         let pooled_output = last_hidden_state.index(&[Some(rows), Some(eos)]);
-        ClipTextOutput { last_hidden_state, pooled_output }
+        ClipTextOutput {
+            last_hidden_state,
+            pooled_output,
+        }
     }
 
     /// Where each sequence ends. Configs with `eos_token_id == 2` predate transformers'
@@ -307,7 +345,10 @@ impl ClipTextModel {
         if self.eos_token_id == 2 {
             input_ids.argmax(-1, false)
         } else {
-            input_ids.eq(self.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+            input_ids
+                .eq(self.eos_token_id)
+                .to_kind(Kind::Int)
+                .argmax(-1, false)
         }
     }
 }
@@ -347,7 +388,10 @@ mod tests {
             assert!(names.contains_key(name), "missing {name}");
         }
         assert_eq!(names.len(), 2 + 2 * 16 + 2);
-        assert_eq!(names["text_model.encoder.layers.0.mlp.fc1.weight"].size(), [24, 16]);
+        assert_eq!(
+            names["text_model.encoder.layers.0.mlp.fc1.weight"].size(),
+            [24, 16]
+        );
     }
 
     #[test]
@@ -366,20 +410,32 @@ mod tests {
             .max()
             .double_value(&[]);
         assert!(diff < 1e-6, "prefix changed by {diff}");
-        let later = (out_a.last_hidden_state.narrow(1, 3, 2) - out_b.last_hidden_state.narrow(1, 3, 2))
-            .abs()
-            .max()
-            .double_value(&[]);
+        let later = (out_a.last_hidden_state.narrow(1, 3, 2)
+            - out_b.last_hidden_state.narrow(1, 3, 2))
+        .abs()
+        .max()
+        .double_value(&[]);
         assert!(later > 1e-4);
         assert_eq!(out_a.pooled_output.size(), [1, 16]);
         let at_eos = out_a.last_hidden_state.get(0).get(2);
-        assert!(out_a.pooled_output.get(0).allclose(&at_eos, 0.0, 0.0, false));
+        assert!(
+            out_a
+                .pooled_output
+                .get(0)
+                .allclose(&at_eos, 0.0, 0.0, false)
+        );
     }
 
     #[test]
     fn legacy_configs_pool_at_the_largest_id() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = clip_text_model(vs.root(), &ClipTextConfig { eos_token_id: 2, ..tiny() });
+        let model = clip_text_model(
+            vs.root(),
+            &ClipTextConfig {
+                eos_token_id: 2,
+                ..tiny()
+            },
+        );
         let ids = Tensor::from_slice(&[1i64, 2, 40, 3, 2]).unsqueeze(0);
         let out = model.forward(&ids);
         let at_max = out.last_hidden_state.get(0).get(2);
@@ -393,7 +449,10 @@ mod tests {
         let mut json = ClipTextConfig::sd2().to_transformers_json();
         json["torch_dtype"] = "float16".into();
         std::fs::write(&path, json.to_string()).unwrap();
-        assert_eq!(ClipTextConfig::from_file(&path).unwrap(), ClipTextConfig::sd2());
+        assert_eq!(
+            ClipTextConfig::from_file(&path).unwrap(),
+            ClipTextConfig::sd2()
+        );
 
         std::fs::write(&path, r#"{"hidden_size": 10, "num_attention_heads": 3}"#).unwrap();
         let err = ClipTextConfig::from_file(&path).unwrap_err().to_string();

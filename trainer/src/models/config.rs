@@ -12,11 +12,22 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read model config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid model config {path}: field `{field}`: {source}")]
-    Parse { path: PathBuf, field: String, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        field: String,
+        source: serde_json::Error,
+    },
     #[error("{}field `{field}` {message}", location(.path))]
-    Invalid { path: Option<PathBuf>, field: String, message: String },
+    Invalid {
+        path: Option<PathBuf>,
+        field: String,
+        message: String,
+    },
 }
 
 fn location(path: &Option<PathBuf>) -> String {
@@ -28,14 +39,24 @@ fn location(path: &Option<PathBuf>) -> String {
 
 impl ConfigError {
     fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { path: None, field: field.into(), message: message.into() }
+        ConfigError::Invalid {
+            path: None,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     fn in_file(self, file: &Path) -> Self {
         match self {
-            ConfigError::Invalid { path: None, field, message } => {
-                ConfigError::Invalid { path: Some(file.to_path_buf()), field, message }
-            }
+            ConfigError::Invalid {
+                path: None,
+                field,
+                message,
+            } => ConfigError::Invalid {
+                path: Some(file.to_path_buf()),
+                field,
+                message,
+            },
             other => other,
         }
     }
@@ -43,8 +64,10 @@ impl ConfigError {
 
 /// Reads a JSON config, reporting the path of the field that does not parse.
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse_json(&text).map_err(|(field, source)| ConfigError::Parse {
         path: path.to_path_buf(),
         field,
@@ -57,9 +80,35 @@ fn parse_json<T: DeserializeOwned>(text: &str) -> Result<T, (String, serde_json:
     serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.into_inner()))
 }
 
+fn ensure(ok: bool, field: &str, message: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(field, message()))
+    }
+}
+
+fn only(field: &str, value: &str, supported: &str) -> Result<(), ConfigError> {
+    ensure(value == supported, field, || {
+        format!("= {value:?} is not supported, only {supported:?}")
+    })
+}
+
+fn check_groups(groups: i64, channels: &[i64]) -> Result<(), ConfigError> {
+    for (i, &c) in channels.iter().enumerate() {
+        ensure(groups > 0 && c % groups == 0, "norm_num_groups", || {
+            format!("= {groups} does not divide block_out_channels[{i}] = {c}")
+        })?;
+    }
+    Ok(())
+}
+
 /// diffusers lets many per-block settings be one value for all blocks or a list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected one value for all blocks or a list with one per block"
+)]
 pub enum PerBlock<T> {
     One(T),
     Each(Vec<T>),
@@ -106,6 +155,24 @@ pub enum VaeUpBlockType {
     UpDecoderBlock2D,
 }
 
+/// Keys of other diffusers UNets (SDXL, class-conditioned, LCM) whose features we
+/// do not implement: refused when set rather than silently ignored.
+const REFUSED_UNET_FEATURES: [&str; 13] = [
+    "cross_attention_norm",
+    "class_embed_type",
+    "num_class_embeds",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "time_cond_proj_dim",
+    "timestep_post_act",
+    "time_embedding_act_fn",
+    "projection_class_embeddings_input_dim",
+    "class_embeddings_concat",
+    "reverse_transformer_layers_per_block",
+];
+
 /// `unet/config.json` of a diffusers `UNet2DConditionModel`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -143,23 +210,9 @@ pub struct UNetConfig {
     pub conv_in_kernel: i64,
     pub conv_out_kernel: i64,
     pub attention_type: String,
-    // Features of other diffusers UNets that we refuse rather than ignore.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class_embed_type: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub num_class_embeds: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub addition_embed_type: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub encoder_hid_dim: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub time_cond_proj_dim: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timestep_post_act: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub time_embedding_act_fn: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    /// Keys we do not read, kept so that a config written back is the one read.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for UNetConfig {
@@ -181,7 +234,12 @@ impl Default for UNetConfig {
                 DownBlock2D,
             ],
             mid_block_type: Some(MidBlockType::UNetMidBlock2DCrossAttn),
-            up_block_types: vec![UpBlock2D, CrossAttnUpBlock2D, CrossAttnUpBlock2D, CrossAttnUpBlock2D],
+            up_block_types: vec![
+                UpBlock2D,
+                CrossAttnUpBlock2D,
+                CrossAttnUpBlock2D,
+                CrossAttnUpBlock2D,
+            ],
             only_cross_attention: PerBlock::One(false),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: PerBlock::One(2),
@@ -203,14 +261,7 @@ impl Default for UNetConfig {
             conv_in_kernel: 3,
             conv_out_kernel: 3,
             attention_type: "default".into(),
-            class_embed_type: None,
-            num_class_embeds: None,
-            addition_embed_type: None,
-            encoder_hid_dim: None,
-            time_cond_proj_dim: None,
-            timestep_post_act: None,
-            time_embedding_act_fn: None,
-            reverse_transformer_layers_per_block: None,
+            other: Default::default(),
         }
     }
 }
@@ -247,7 +298,8 @@ impl UNetConfig {
 
     /// The time embedding width: 4× the first block's channels unless configured.
     pub fn time_embed_dim(&self) -> i64 {
-        self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
+        self.time_embedding_dim
+            .unwrap_or(self.block_out_channels[0] * 4)
     }
 
     /// Resolves every int-or-list setting to one value per block.
@@ -272,75 +324,68 @@ impl UNetConfig {
 
     /// Checks that [`crate::models::unet::unet`] can build this architecture.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let unsupported = [
-            ("class_embed_type", &self.class_embed_type),
-            ("num_class_embeds", &self.num_class_embeds),
-            ("addition_embed_type", &self.addition_embed_type),
-            ("encoder_hid_dim", &self.encoder_hid_dim),
-            ("time_cond_proj_dim", &self.time_cond_proj_dim),
-            ("timestep_post_act", &self.timestep_post_act),
-            ("time_embedding_act_fn", &self.time_embedding_act_fn),
-            ("reverse_transformer_layers_per_block", &self.reverse_transformer_layers_per_block),
-        ];
-        for (field, value) in unsupported {
-            if let Some(value) = value.as_ref().filter(|v| !v.is_null()) {
-                return Err(ConfigError::invalid(
-                    field,
-                    format!("= {value} is not supported (Stable Diffusion 1.x/2.x UNets leave it null)"),
-                ));
+        for field in REFUSED_UNET_FEATURES {
+            match self.other.get(field) {
+                None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+                Some(value) => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        format!("= {value} is not supported (SD 1.x/2.x UNets leave it null)"),
+                    ));
+                }
             }
         }
-        let expect = |field: &str, value: &str, wanted: &str| {
-            if value == wanted {
-                Ok(())
-            } else {
-                Err(ConfigError::invalid(field, format!("= {value:?} is not supported, only {wanted:?}")))
-            }
-        };
-        expect("act_fn", &self.act_fn, "silu")?;
-        expect("resnet_time_scale_shift", &self.resnet_time_scale_shift, "default")?;
-        expect("time_embedding_type", &self.time_embedding_type, "positional")?;
-        expect("attention_type", &self.attention_type, "default")?;
-        if self.dual_cross_attention {
-            return Err(ConfigError::invalid("dual_cross_attention", "= true is not supported"));
-        }
+        only("act_fn", &self.act_fn, "silu")?;
+        only(
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift,
+            "default",
+        )?;
+        only(
+            "time_embedding_type",
+            &self.time_embedding_type,
+            "positional",
+        )?;
+        only("attention_type", &self.attention_type, "default")?;
+        ensure(!self.dual_cross_attention, "dual_cross_attention", || {
+            "= true is not supported".into()
+        })?;
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(ConfigError::invalid("block_out_channels", "is empty"));
+        ensure(n > 0, "block_out_channels", || "is empty".into())?;
+        for (field, len) in [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ] {
+            ensure(len == n, field, || {
+                format!("has {len} entries but block_out_channels has {n}")
+            })?;
         }
-        if self.down_block_types.len() != n {
-            return Err(ConfigError::invalid(
-                "down_block_types",
-                format!("has {} entries but block_out_channels has {n}", self.down_block_types.len()),
-            ));
+        for (field, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            ensure(k > 0 && k % 2 == 1, field, || {
+                format!("= {k} must be odd and positive")
+            })?;
         }
-        if self.up_block_types.len() != n {
-            return Err(ConfigError::invalid(
-                "up_block_types",
-                format!("has {} entries but block_out_channels has {n}", self.up_block_types.len()),
-            ));
-        }
-        for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
-            if k < 1 || k % 2 == 0 {
-                return Err(ConfigError::invalid(field, format!("= {k} must be odd and positive")));
-            }
-        }
+        check_groups(self.norm_num_groups, &self.block_out_channels)?;
+        let heads_field = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
         let blocks = self.blocks()?;
-        let heads_field =
-            if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
-        for (i, (&channels, &heads)) in self.block_out_channels.iter().zip(&blocks.heads).enumerate() {
-            if channels % self.norm_num_groups != 0 {
-                return Err(ConfigError::invalid(
-                    "norm_num_groups",
-                    format!("= {} does not divide block_out_channels[{i}] = {channels}", self.norm_num_groups),
-                ));
-            }
-            if heads < 1 || channels % heads != 0 {
-                return Err(ConfigError::invalid(
-                    heads_field,
-                    format!("[{i}] = {heads} heads do not divide block_out_channels[{i}] = {channels}"),
-                ));
-            }
+        for (i, (&channels, &heads)) in self
+            .block_out_channels
+            .iter()
+            .zip(&blocks.heads)
+            .enumerate()
+        {
+            ensure(
+                heads > 0 && channels % heads == 0,
+                &format!("{heads_field}[{i}]"),
+                || format!("= {heads} heads do not divide block_out_channels[{i}] = {channels}"),
+            )?;
         }
         Ok(())
     }
@@ -369,6 +414,10 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// Keys we do not read (`latents_mean`, `_class_name`...), kept so that a config
+    /// written back is the one read.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for VaeConfig {
@@ -390,6 +439,7 @@ impl Default for VaeConfig {
             use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
+            other: Default::default(),
         }
     }
 }
@@ -421,36 +471,21 @@ impl VaeConfig {
 
     /// Checks that [`crate::models::vae::autoencoder_kl`] can build this architecture.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.act_fn != "silu" {
-            return Err(ConfigError::invalid(
-                "act_fn",
-                format!("= {:?} is not supported, only \"silu\"", self.act_fn),
-            ));
-        }
+        only("act_fn", &self.act_fn, "silu")?;
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(ConfigError::invalid("block_out_channels", "is empty"));
+        ensure(n > 0, "block_out_channels", || "is empty".into())?;
+        for (field, len) in [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ] {
+            ensure(len == n, field, || {
+                format!("has {len} entries but block_out_channels has {n}")
+            })?;
         }
-        for (field, len) in [("down_block_types", self.down_block_types.len()), ("up_block_types", self.up_block_types.len())] {
-            if len != n {
-                return Err(ConfigError::invalid(
-                    field,
-                    format!("has {len} entries but block_out_channels has {n}"),
-                ));
-            }
-        }
-        for (i, &channels) in self.block_out_channels.iter().enumerate() {
-            if channels % self.norm_num_groups != 0 {
-                return Err(ConfigError::invalid(
-                    "norm_num_groups",
-                    format!("= {} does not divide block_out_channels[{i}] = {channels}", self.norm_num_groups),
-                ));
-            }
-        }
-        if self.layers_per_block < 1 {
-            return Err(ConfigError::invalid("layers_per_block", "must be at least 1"));
-        }
-        Ok(())
+        check_groups(self.norm_num_groups, &self.block_out_channels)?;
+        ensure(self.layers_per_block > 0, "layers_per_block", || {
+            "must be at least 1".into()
+        })
     }
 }
 
@@ -482,12 +517,27 @@ mod tests {
         assert!(cfg.use_linear_projection && cfg.upcast_attention);
         assert_eq!(cfg.sample_size, Some(96));
         assert_eq!(cfg.time_embed_dim(), 1280);
-        assert_eq!(cfg.mid_block_type, Some(MidBlockType::UNetMidBlock2DCrossAttn));
+        assert_eq!(
+            cfg.mid_block_type,
+            Some(MidBlockType::UNetMidBlock2DCrossAttn)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored_and_written_back() {
+        let cfg =
+            UNetConfig::from_json(r#"{"_class_name": "UNet2DConditionModel", "new_knob": [1, 2]}"#)
+                .unwrap();
+        assert_eq!(cfg.block_out_channels, vec![320, 640, 1280, 1280]);
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(json["new_knob"], serde_json::json!([1, 2]));
+        assert_eq!(UNetConfig::from_json(&json.to_string()).unwrap(), cfg);
     }
 
     #[test]
     fn num_attention_heads_wins_over_attention_head_dim() {
-        let cfg = UNetConfig::from_json(r#"{"num_attention_heads": 10, "attention_head_dim": 8}"#).unwrap();
+        let cfg = UNetConfig::from_json(r#"{"num_attention_heads": 10, "attention_head_dim": 8}"#)
+            .unwrap();
         assert_eq!(cfg.blocks().unwrap().heads, vec![10; 4]);
     }
 
@@ -501,16 +551,25 @@ mod tests {
 
     #[test]
     fn class_embeddings_are_refused_by_name() {
-        let err = UNetConfig::from_json(r#"{"class_embed_type": "timestep"}"#).unwrap_err().to_string();
+        let err = UNetConfig::from_json(r#"{"class_embed_type": "timestep"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("class_embed_type"), "{err}");
-        let err = UNetConfig::from_json(r#"{"addition_embed_type": "text_time"}"#).unwrap_err().to_string();
+        let err = UNetConfig::from_json(r#"{"addition_embed_type": "text_time"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("addition_embed_type"), "{err}");
     }
 
     #[test]
     fn head_list_of_wrong_length_is_refused() {
-        let err = UNetConfig::from_json(r#"{"attention_head_dim": [5, 10]}"#).unwrap_err().to_string();
-        assert!(err.contains("attention_head_dim") && err.contains("2 entries"), "{err}");
+        let err = UNetConfig::from_json(r#"{"attention_head_dim": [5, 10]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("attention_head_dim") && err.contains("2 entries"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -523,7 +582,10 @@ mod tests {
         let bad = dir.path().join("config.json");
         std::fs::write(&bad, r#"{"act_fn": "gelu"}"#).unwrap();
         let err = UNetConfig::from_file(&bad).unwrap_err().to_string();
-        assert!(err.contains(&bad.display().to_string()) && err.contains("act_fn"), "{err}");
+        assert!(
+            err.contains(&bad.display().to_string()) && err.contains("act_fn"),
+            "{err}"
+        );
 
         std::fs::write(&bad, r#"{"block_out_channels": [64, "x"]}"#).unwrap();
         let err = VaeConfig::from_file(&bad).unwrap_err().to_string();

@@ -1,7 +1,7 @@
 //! Halving the spatial size between resolution levels with a strided 3×3 conv.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 #[derive(Debug)]
 pub struct Downsample2D {
@@ -12,7 +12,11 @@ pub struct Downsample2D {
 }
 
 pub fn downsample_2d(p: nn::Path, channels: i64, out_channels: i64, padding: i64) -> Downsample2D {
-    let cfg = nn::ConvConfig { stride: 2, padding, ..Default::default() };
+    let cfg = nn::ConvConfig {
+        stride: 2,
+        padding,
+        ..Default::default()
+    };
     Downsample2D {
         conv: nn::conv2d(&p / "conv", channels, out_channels, 3, cfg),
         pad_right_bottom: padding == 0,

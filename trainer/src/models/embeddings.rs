@@ -26,7 +26,11 @@ pub fn sinusoidal_timestep_embedding(
     } else {
         emb
     };
-    if dim % 2 == 1 { emb.constant_pad_nd([0, 1, 0, 0]) } else { emb }
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
 }
 
 /// The parameter-free sinusoid stage (`time_proj` in diffusers).
@@ -57,8 +61,18 @@ pub struct TimestepEmbedding {
 
 pub fn timestep_embedding(p: nn::Path, in_channels: i64, time_embed_dim: i64) -> TimestepEmbedding {
     TimestepEmbedding {
-        linear_1: nn::linear(&p / "linear_1", in_channels, time_embed_dim, Default::default()),
-        linear_2: nn::linear(&p / "linear_2", time_embed_dim, time_embed_dim, Default::default()),
+        linear_1: nn::linear(
+            &p / "linear_1",
+            in_channels,
+            time_embed_dim,
+            Default::default(),
+        ),
+        linear_2: nn::linear(
+            &p / "linear_2",
+            time_embed_dim,
+            time_embed_dim,
+            Default::default(),
+        ),
     }
 }
 

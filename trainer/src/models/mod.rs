@@ -11,6 +11,7 @@ pub mod unet;
 pub mod unet_blocks;
 pub mod upsampling;
 pub mod vae;
+pub mod versions;
 
 pub use config::{ConfigError, UNetConfig, VaeConfig};
 pub use unet::{UNet2DConditionModel, unet};

@@ -1,8 +1,8 @@
 //! The residual block that carries most of the UNet's and the VAE's capacity:
 //! GroupNorm → SiLU → 3×3 conv, twice, with the time embedding added in between.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 /// Shape and normalisation of one [`ResnetBlock2D`].
 #[derive(Debug, Clone, Copy)]
@@ -31,12 +31,23 @@ pub struct ResnetBlock2D {
 
 /// A group norm with diffusers' affine parameters (`weight`, `bias`).
 pub(crate) fn group_norm(p: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(p, groups, channels, nn::GroupNormConfig { eps, ..Default::default() })
+    nn::group_norm(
+        p,
+        groups,
+        channels,
+        nn::GroupNormConfig {
+            eps,
+            ..Default::default()
+        },
+    )
 }
 
 /// A biased conv with "same" padding for odd kernels.
 pub(crate) fn conv2d(p: nn::Path, in_channels: i64, out_channels: i64, kernel: i64) -> nn::Conv2D {
-    let cfg = nn::ConvConfig { padding: kernel / 2, ..Default::default() };
+    let cfg = nn::ConvConfig {
+        padding: kernel / 2,
+        ..Default::default()
+    };
     nn::conv2d(p, in_channels, out_channels, kernel, cfg)
 }
 
@@ -69,6 +80,10 @@ impl ResnetBlock2D {
             None => xs.shallow_clone(),
         };
         let out = skip + h;
-        if self.output_scale_factor == 1.0 { out } else { out / self.output_scale_factor }
+        if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            out / self.output_scale_factor
+        }
     }
 }

@@ -2,16 +2,17 @@
 //! in a latent given the timestep and the text embeddings. Built entirely from
 //! `unet/config.json`, so SD 1.x and SD 2.x share this code.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use super::config::{DownBlockType, UNetConfig, UpBlockType};
 use super::embeddings::{TimestepEmbedding, Timesteps, timestep_embedding};
 use super::resnet::{conv2d, group_norm};
 use super::unet_blocks::{
-    CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, DownBlockConfig, ResnetSettings, TransformerSettings,
-    UNetMidBlock2DCrossAttn, UpBlock2D, UpBlockConfig, cross_attn_down_block_2d, cross_attn_up_block_2d,
-    down_block_2d, unet_mid_block_2d_cross_attn, up_block_2d,
+    CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, DownBlockConfig, ResnetSettings,
+    TransformerSettings, UNetMidBlock2DCrossAttn, UpBlock2D, UpBlockConfig,
+    cross_attn_down_block_2d, cross_attn_up_block_2d, down_block_2d, unet_mid_block_2d_cross_attn,
+    up_block_2d,
 };
 
 #[derive(Debug)]
@@ -83,18 +84,35 @@ pub fn unet(p: nn::Path, cfg: &UNetConfig) -> UNet2DConditionModel {
             downsample_padding: cfg.downsample_padding,
         };
         down_blocks.push(match kind {
-            DownBlockType::CrossAttnDownBlock2D => {
-                DownBlock::CrossAttn(cross_attn_down_block_2d(&down / i, &block_cfg, &resnet, &transformer(i)))
+            DownBlockType::CrossAttnDownBlock2D => DownBlock::CrossAttn(cross_attn_down_block_2d(
+                &down / i,
+                &block_cfg,
+                &resnet,
+                &transformer(i),
+            )),
+            DownBlockType::DownBlock2D => {
+                DownBlock::Plain(down_block_2d(&down / i, &block_cfg, &resnet))
             }
-            DownBlockType::DownBlock2D => DownBlock::Plain(down_block_2d(&down / i, &block_cfg, &resnet)),
         });
     }
 
     let mid_block = cfg.mid_block_type.map(|_| {
-        let mid_resnet = ResnetSettings { output_scale_factor: cfg.mid_block_scale_factor, ..resnet };
+        let mid_resnet = ResnetSettings {
+            output_scale_factor: cfg.mid_block_scale_factor,
+            ..resnet
+        };
         // diffusers' mid block never passes only_cross_attention on.
-        let mid_transformer = TransformerSettings { only_cross_attention: false, ..transformer(n - 1) };
-        unet_mid_block_2d_cross_attn(&p / "mid_block", channels[n - 1], 1, &mid_resnet, &mid_transformer)
+        let mid_transformer = TransformerSettings {
+            only_cross_attention: false,
+            ..transformer(n - 1)
+        };
+        unet_mid_block_2d_cross_attn(
+            &p / "mid_block",
+            channels[n - 1],
+            1,
+            &mid_resnet,
+            &mid_transformer,
+        )
     });
 
     // The up path mirrors the down path: block i of it works at the resolution of
@@ -111,15 +129,23 @@ pub fn unet(p: nn::Path, cfg: &UNetConfig) -> UNet2DConditionModel {
             add_upsample: i + 1 < n,
         };
         up_blocks.push(match kind {
-            UpBlockType::CrossAttnUpBlock2D => {
-                UpBlock::CrossAttn(cross_attn_up_block_2d(&up / i, &block_cfg, &resnet, &transformer(level)))
-            }
+            UpBlockType::CrossAttnUpBlock2D => UpBlock::CrossAttn(cross_attn_up_block_2d(
+                &up / i,
+                &block_cfg,
+                &resnet,
+                &transformer(level),
+            )),
             UpBlockType::UpBlock2D => UpBlock::Plain(up_block_2d(&up / i, &block_cfg, &resnet)),
         });
     }
 
     UNet2DConditionModel {
-        conv_in: conv2d(&p / "conv_in", cfg.in_channels, channels[0], cfg.conv_in_kernel),
+        conv_in: conv2d(
+            &p / "conv_in",
+            cfg.in_channels,
+            channels[0],
+            cfg.conv_in_kernel,
+        ),
         time_proj: Timesteps {
             num_channels: channels[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
@@ -129,8 +155,18 @@ pub fn unet(p: nn::Path, cfg: &UNetConfig) -> UNet2DConditionModel {
         down_blocks,
         mid_block,
         up_blocks,
-        conv_norm_out: group_norm(&p / "conv_norm_out", cfg.norm_num_groups, channels[0], cfg.norm_eps),
-        conv_out: conv2d(&p / "conv_out", channels[0], cfg.out_channels, cfg.conv_out_kernel),
+        conv_norm_out: group_norm(
+            &p / "conv_norm_out",
+            cfg.norm_num_groups,
+            channels[0],
+            cfg.norm_eps,
+        ),
+        conv_out: conv2d(
+            &p / "conv_out",
+            channels[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+        ),
         gradient_checkpointing: false,
         center_input_sample: cfg.center_input_sample,
     }
@@ -140,14 +176,27 @@ impl UNet2DConditionModel {
     /// `sample` is the noisy latent `[B, C, H, W]`, `timesteps` one per sample (`[B]`,
     /// integer or float; a scalar applies to the whole batch), `encoder_hidden_states`
     /// the text embeddings `[B, S, cross_attention_dim]`. Returns `[B, out_channels, H, W]`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Tensor {
         let batch = sample.size()[0];
         let timesteps = timesteps.to_device(sample.device());
-        let timesteps = if timesteps.dim() == 0 { timesteps.expand([batch], false) } else { timesteps };
+        let timesteps = if timesteps.dim() == 0 {
+            timesteps.expand([batch], false)
+        } else {
+            timesteps
+        };
         let t_emb = self.time_proj.forward(&timesteps).to_kind(sample.kind());
         let emb = self.time_embedding.forward(&t_emb);
 
-        let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let sample = if self.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample.shallow_clone()
+        };
         let mut xs = self.conv_in.forward(&sample);
         let mut skips = vec![xs.shallow_clone()];
         for block in &self.down_blocks {
@@ -176,14 +225,19 @@ impl UNet2DConditionModel {
                 [size[2], size[3]]
             });
             xs = match block {
-                UpBlock::CrossAttn(b) => {
-                    b.forward(&xs, &mut block_skips, &emb, encoder_hidden_states, upsample_size)
-                }
+                UpBlock::CrossAttn(b) => b.forward(
+                    &xs,
+                    &mut block_skips,
+                    &emb,
+                    encoder_hidden_states,
+                    upsample_size,
+                ),
                 UpBlock::Plain(b) => b.forward(&xs, &mut block_skips, &emb, upsample_size),
             };
         }
 
-        self.conv_out.forward(&self.conv_norm_out.forward(&xs).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&xs).silu())
     }
 }
 
@@ -196,7 +250,10 @@ mod tests {
     fn tiny() -> UNetConfig {
         UNetConfig {
             block_out_channels: vec![8, 16],
-            down_block_types: vec![DownBlockType::CrossAttnDownBlock2D, DownBlockType::DownBlock2D],
+            down_block_types: vec![
+                DownBlockType::CrossAttnDownBlock2D,
+                DownBlockType::DownBlock2D,
+            ],
             up_block_types: vec![UpBlockType::UpBlock2D, UpBlockType::CrossAttnUpBlock2D],
             layers_per_block: PerBlock::One(1),
             norm_num_groups: 4,
@@ -218,7 +275,11 @@ mod tests {
         assert_eq!(both.size(), vec![2, 4, 8, 8]);
         for (i, t) in [10i64, 900].into_iter().enumerate() {
             let i = i as i64;
-            let alone = model.forward(&sample.narrow(0, i, 1), &Tensor::from_slice(&[t]), &context.narrow(0, i, 1));
+            let alone = model.forward(
+                &sample.narrow(0, i, 1),
+                &Tensor::from_slice(&[t]),
+                &context.narrow(0, i, 1),
+            );
             let err = (both.narrow(0, i, 1) - alone).abs().max().double_value(&[]);
             assert!(err < 1e-5, "sample {i}: {err}");
         }
@@ -226,7 +287,11 @@ mod tests {
         let float_t = model.forward(&sample, &Tensor::from_slice(&[10f32, 900.]), &context);
         assert!(float_t.allclose(&both, 0.0, 1e-6, false));
         let scalar_t = model.forward(&sample, &Tensor::from(10i64), &context);
-        assert!(scalar_t.narrow(0, 0, 1).allclose(&both.narrow(0, 0, 1), 0.0, 1e-6, false));
+        assert!(
+            scalar_t
+                .narrow(0, 0, 1)
+                .allclose(&both.narrow(0, 0, 1), 0.0, 1e-6, false)
+        );
     }
 
     #[test]
@@ -234,7 +299,11 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = unet(vs.root(), &tiny());
         let opts = (Kind::Float, Device::Cpu);
-        let out = model.forward(&Tensor::randn([1, 4, 7, 5], opts), &Tensor::from_slice(&[1i64]), &Tensor::randn([1, 3, 6], opts));
+        let out = model.forward(
+            &Tensor::randn([1, 4, 7, 5], opts),
+            &Tensor::from_slice(&[1i64]),
+            &Tensor::randn([1, 3, 6], opts),
+        );
         assert_eq!(out.size(), vec![1, 4, 7, 5]);
     }
 
@@ -243,17 +312,42 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         unet(vs.root(), &tiny());
         let vars = vs.variables();
-        let shape = |name: &str| vars.get(name).map(|t| t.size()).unwrap_or_else(|| panic!("missing {name}"));
+        let shape = |name: &str| {
+            vars.get(name)
+                .map(|t| t.size())
+                .unwrap_or_else(|| panic!("missing {name}"))
+        };
         assert_eq!(shape("time_embedding.linear_1.weight"), vec![32, 8]);
-        assert_eq!(shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"), vec![8, 6]);
-        assert_eq!(shape("down_blocks.0.downsamplers.0.conv.weight"), vec![8, 8, 3, 3]);
-        assert_eq!(shape("mid_block.attentions.0.proj_in.weight"), vec![16, 16, 1, 1]);
+        assert_eq!(
+            shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+            vec![8, 6]
+        );
+        assert_eq!(
+            shape("down_blocks.0.downsamplers.0.conv.weight"),
+            vec![8, 8, 3, 3]
+        );
+        assert_eq!(
+            shape("mid_block.attentions.0.proj_in.weight"),
+            vec![16, 16, 1, 1]
+        );
         // Up block 0 (lowest resolution): resnet 0 sees the mid output and a 16-wide skip,
         // resnet 1 the 8-wide skip left by down block 0's downsampler.
-        assert_eq!(shape("up_blocks.0.resnets.0.conv1.weight"), vec![16, 32, 3, 3]);
-        assert_eq!(shape("up_blocks.0.resnets.1.conv1.weight"), vec![16, 24, 3, 3]);
-        assert_eq!(shape("up_blocks.1.resnets.0.conv1.weight"), vec![8, 24, 3, 3]);
-        assert_eq!(shape("up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q.weight"), vec![8, 8]);
+        assert_eq!(
+            shape("up_blocks.0.resnets.0.conv1.weight"),
+            vec![16, 32, 3, 3]
+        );
+        assert_eq!(
+            shape("up_blocks.0.resnets.1.conv1.weight"),
+            vec![16, 24, 3, 3]
+        );
+        assert_eq!(
+            shape("up_blocks.1.resnets.0.conv1.weight"),
+            vec![8, 24, 3, 3]
+        );
+        assert_eq!(
+            shape("up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q.weight"),
+            vec![8, 8]
+        );
         assert!(!vars.contains_key("up_blocks.1.upsamplers.0.conv.weight"));
         assert!(!vars.contains_key("down_blocks.1.downsamplers.0.conv.weight"));
     }
@@ -262,6 +356,12 @@ mod tests {
     #[should_panic(expected = "attention_head_dim")]
     fn building_from_an_invalid_config_names_the_field() {
         let vs = nn::VarStore::new(Device::Cpu);
-        unet(vs.root(), &UNetConfig { attention_head_dim: PerBlock::One(3), ..tiny() });
+        unet(
+            vs.root(),
+            &UNetConfig {
+                attention_head_dim: PerBlock::One(3),
+                ..tiny()
+            },
+        );
     }
 }

@@ -2,10 +2,13 @@
 //! shrink the map and keep skip connections, mid blocks at the bottom, up blocks that
 //! grow it back and consume the skips. Names and parameter paths are diffusers'.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
-use super::attention::{Attention, AttentionConfig, Transformer2DConfig, Transformer2DModel, attention, transformer_2d_model};
+use super::attention::{
+    Attention, AttentionConfig, Transformer2DConfig, Transformer2DModel, attention,
+    transformer_2d_model,
+};
 use super::downsampling::{Downsample2D, downsample_2d};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig, resnet_block_2d};
 use super::upsampling::{Upsample2D, upsample_2d};
@@ -72,11 +75,19 @@ pub struct DownBlockConfig {
     pub downsample_padding: i64,
 }
 
-fn down_resnets(p: &nn::Path, cfg: &DownBlockConfig, resnet: &ResnetSettings) -> Vec<ResnetBlock2D> {
+fn down_resnets(
+    p: &nn::Path,
+    cfg: &DownBlockConfig,
+    resnet: &ResnetSettings,
+) -> Vec<ResnetBlock2D> {
     let resnets = p / "resnets";
     (0..cfg.num_layers)
         .map(|i| {
-            let cin = if i == 0 { cfg.in_channels } else { cfg.out_channels };
+            let cin = if i == 0 {
+                cfg.in_channels
+            } else {
+                cfg.out_channels
+            };
             resnet.build(&resnets / i, cin, cfg.out_channels)
         })
         .collect()
@@ -106,7 +117,9 @@ pub fn cross_attn_down_block_2d(
     let attentions = &p / "attentions";
     CrossAttnDownBlock2D {
         resnets: down_resnets(&p, cfg, resnet),
-        attentions: (0..cfg.num_layers).map(|i| transformer.build(&attentions / i, cfg.out_channels)).collect(),
+        attentions: (0..cfg.num_layers)
+            .map(|i| transformer.build(&attentions / i, cfg.out_channels))
+            .collect(),
         downsampler: downsampler(&p, cfg),
     }
 }
@@ -136,7 +149,10 @@ pub struct DownBlock2D {
 }
 
 pub fn down_block_2d(p: nn::Path, cfg: &DownBlockConfig, resnet: &ResnetSettings) -> DownBlock2D {
-    DownBlock2D { resnets: down_resnets(&p, cfg, resnet), downsampler: downsampler(&p, cfg) }
+    DownBlock2D {
+        resnets: down_resnets(&p, cfg, resnet),
+        downsampler: downsampler(&p, cfg),
+    }
 }
 
 impl DownBlock2D {
@@ -171,8 +187,12 @@ pub fn unet_mid_block_2d_cross_attn(
 ) -> UNetMidBlock2DCrossAttn {
     let (resnets, attentions) = (&p / "resnets", &p / "attentions");
     UNetMidBlock2DCrossAttn {
-        resnets: (0..=num_layers).map(|i| resnet.build(&resnets / i, channels, channels)).collect(),
-        attentions: (0..num_layers).map(|i| transformer.build(&attentions / i, channels)).collect(),
+        resnets: (0..=num_layers)
+            .map(|i| resnet.build(&resnets / i, channels, channels))
+            .collect(),
+        attentions: (0..num_layers)
+            .map(|i| transformer.build(&attentions / i, channels))
+            .collect(),
     }
 }
 
@@ -203,20 +223,31 @@ fn up_resnets(p: &nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> Vec
     let resnets = p / "resnets";
     (0..cfg.num_layers)
         .map(|i| {
-            let skip = if i == cfg.num_layers - 1 { cfg.in_channels } else { cfg.out_channels };
-            let cin = if i == 0 { cfg.prev_output_channels } else { cfg.out_channels };
+            let skip = if i == cfg.num_layers - 1 {
+                cfg.in_channels
+            } else {
+                cfg.out_channels
+            };
+            let cin = if i == 0 {
+                cfg.prev_output_channels
+            } else {
+                cfg.out_channels
+            };
             resnet.build(&resnets / i, cin + skip, cfg.out_channels)
         })
         .collect()
 }
 
 fn upsampler(p: &nn::Path, cfg: &UpBlockConfig) -> Option<Upsample2D> {
-    cfg.add_upsample.then(|| upsample_2d(p / "upsamplers" / 0, cfg.out_channels, cfg.out_channels))
+    cfg.add_upsample
+        .then(|| upsample_2d(p / "upsamplers" / 0, cfg.out_channels, cfg.out_channels))
 }
 
 /// Pops the most recent skip connection and concatenates it on the channel axis.
 fn with_skip(xs: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
-    let skip = skips.pop().expect("an up block needs one skip connection per resnet");
+    let skip = skips
+        .pop()
+        .expect("an up block needs one skip connection per resnet");
     Tensor::cat(&[xs, &skip], 1)
 }
 
@@ -237,7 +268,9 @@ pub fn cross_attn_up_block_2d(
     let attentions = &p / "attentions";
     CrossAttnUpBlock2D {
         resnets: up_resnets(&p, cfg, resnet),
-        attentions: (0..cfg.num_layers).map(|i| transformer.build(&attentions / i, cfg.out_channels)).collect(),
+        attentions: (0..cfg.num_layers)
+            .map(|i| transformer.build(&attentions / i, cfg.out_channels))
+            .collect(),
         upsampler: upsampler(&p, cfg),
     }
 }
@@ -272,11 +305,20 @@ pub struct UpBlock2D {
 }
 
 pub fn up_block_2d(p: nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> UpBlock2D {
-    UpBlock2D { resnets: up_resnets(&p, cfg, resnet), upsampler: upsampler(&p, cfg) }
+    UpBlock2D {
+        resnets: up_resnets(&p, cfg, resnet),
+        upsampler: upsampler(&p, cfg),
+    }
 }
 
 impl UpBlock2D {
-    pub fn forward(&self, xs: &Tensor, skips: &mut Vec<Tensor>, temb: &Tensor, upsample_size: Option<[i64; 2]>) -> Tensor {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        upsample_size: Option<[i64; 2]>,
+    ) -> Tensor {
         let mut xs = xs.shallow_clone();
         for resnet in &self.resnets {
             xs = resnet.forward(&with_skip(&xs, skips), Some(temb));
@@ -295,8 +337,15 @@ pub struct DownEncoderBlock2D {
     pub downsampler: Option<Downsample2D>,
 }
 
-pub fn down_encoder_block_2d(p: nn::Path, cfg: &DownBlockConfig, resnet: &ResnetSettings) -> DownEncoderBlock2D {
-    DownEncoderBlock2D { resnets: down_resnets(&p, cfg, resnet), downsampler: downsampler(&p, cfg) }
+pub fn down_encoder_block_2d(
+    p: nn::Path,
+    cfg: &DownBlockConfig,
+    resnet: &ResnetSettings,
+) -> DownEncoderBlock2D {
+    DownEncoderBlock2D {
+        resnets: down_resnets(&p, cfg, resnet),
+        downsampler: downsampler(&p, cfg),
+    }
 }
 
 impl Module for DownEncoderBlock2D {
@@ -335,7 +384,8 @@ pub fn up_decoder_block_2d(
                 resnet.build(&resnets / i, cin, out_channels)
             })
             .collect(),
-        upsampler: add_upsample.then(|| upsample_2d(&p / "upsamplers" / 0, out_channels, out_channels)),
+        upsampler: add_upsample
+            .then(|| upsample_2d(&p / "upsamplers" / 0, out_channels, out_channels)),
     }
 }
 
@@ -380,9 +430,13 @@ pub fn unet_mid_block_2d(
         spatial_norm: Some((resnet.groups, resnet.eps)),
     };
     UNetMidBlock2D {
-        resnets: (0..=num_layers).map(|i| resnet.build(&resnets / i, channels, channels)).collect(),
+        resnets: (0..=num_layers)
+            .map(|i| resnet.build(&resnets / i, channels, channels))
+            .collect(),
         attentions: if add_attention {
-            (0..num_layers).map(|i| attention(&attentions / i, &attn_cfg)).collect()
+            (0..num_layers)
+                .map(|i| attention(&attentions / i, &attn_cfg))
+                .collect()
         } else {
             Vec::new()
         },

@@ -1,7 +1,7 @@
 //! Doubling the spatial size between resolution levels: nearest-neighbour, then a 3×3 conv.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 #[derive(Debug)]
 pub struct Upsample2D {
@@ -9,7 +9,9 @@ pub struct Upsample2D {
 }
 
 pub fn upsample_2d(p: nn::Path, channels: i64, out_channels: i64) -> Upsample2D {
-    Upsample2D { conv: super::resnet::conv2d(&p / "conv", channels, out_channels, 3) }
+    Upsample2D {
+        conv: super::resnet::conv2d(&p / "conv", channels, out_channels, 3),
+    }
 }
 
 impl Upsample2D {

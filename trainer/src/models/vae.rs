@@ -1,14 +1,14 @@
 //! The autoencoder between pixels and latents: diffusers' `AutoencoderKL`. Training
 //! encodes each instance image once; sampling decodes the final latent.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use super::config::VaeConfig;
 use super::resnet::{conv2d, group_norm};
 use super::unet_blocks::{
-    DownBlockConfig, DownEncoderBlock2D, ResnetSettings, UNetMidBlock2D, UpDecoderBlock2D, down_encoder_block_2d,
-    unet_mid_block_2d, up_decoder_block_2d,
+    DownBlockConfig, DownEncoderBlock2D, ResnetSettings, UNetMidBlock2D, UpDecoderBlock2D,
+    down_encoder_block_2d, unet_mid_block_2d, up_decoder_block_2d,
 };
 
 /// diffusers fixes the VAE's norm eps at 1e-6 whatever the config.
@@ -26,7 +26,10 @@ impl DiagonalGaussian {
     /// Splits the encoder's `[B, 2C, h, w]` moments into mean and log-variance.
     pub fn from_moments(moments: &Tensor) -> Self {
         let parts = moments.chunk(2, 1);
-        DiagonalGaussian { mean: parts[0].shallow_clone(), logvar: parts[1].clamp(-30.0, 20.0) }
+        DiagonalGaussian {
+            mean: parts[0].shallow_clone(),
+            logvar: parts[1].clamp(-30.0, 20.0),
+        }
     }
 
     pub fn std(&self) -> Tensor {
@@ -55,7 +58,12 @@ pub struct Encoder {
 }
 
 fn vae_resnet(cfg: &VaeConfig) -> ResnetSettings {
-    ResnetSettings { temb_channels: None, groups: cfg.norm_num_groups, eps: VAE_NORM_EPS, output_scale_factor: 1.0 }
+    ResnetSettings {
+        temb_channels: None,
+        groups: cfg.norm_num_groups,
+        eps: VAE_NORM_EPS,
+        output_scale_factor: 1.0,
+    }
 }
 
 pub fn encoder(p: nn::Path, cfg: &VaeConfig) -> Encoder {
@@ -79,8 +87,19 @@ pub fn encoder(p: nn::Path, cfg: &VaeConfig) -> Encoder {
     Encoder {
         conv_in: conv2d(&p / "conv_in", cfg.in_channels, channels[0], 3),
         down_blocks,
-        mid_block: unet_mid_block_2d(&p / "mid_block", last, 1, cfg.mid_block_add_attention, &resnet),
-        conv_norm_out: group_norm(&p / "conv_norm_out", cfg.norm_num_groups, last, VAE_NORM_EPS),
+        mid_block: unet_mid_block_2d(
+            &p / "mid_block",
+            last,
+            1,
+            cfg.mid_block_add_attention,
+            &resnet,
+        ),
+        conv_norm_out: group_norm(
+            &p / "conv_norm_out",
+            cfg.norm_num_groups,
+            last,
+            VAE_NORM_EPS,
+        ),
         // Mean and log-variance for each latent channel.
         conv_out: conv2d(&p / "conv_out", last, 2 * cfg.latent_channels, 3),
     }
@@ -93,7 +112,8 @@ impl Module for Encoder {
             xs = block.forward(&xs);
         }
         let xs = self.mid_block.forward(&xs);
-        self.conv_out.forward(&self.conv_norm_out.forward(&xs).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&xs).silu())
     }
 }
 
@@ -117,14 +137,32 @@ pub fn decoder(p: nn::Path, cfg: &VaeConfig) -> Decoder {
         .map(|i| {
             let level = n - 1 - i;
             let in_channels = channels[(level + 1).min(n - 1)];
-            up_decoder_block_2d(&up / i, in_channels, channels[level], cfg.layers_per_block + 1, i + 1 < n, &resnet)
+            up_decoder_block_2d(
+                &up / i,
+                in_channels,
+                channels[level],
+                cfg.layers_per_block + 1,
+                i + 1 < n,
+                &resnet,
+            )
         })
         .collect();
     Decoder {
         conv_in: conv2d(&p / "conv_in", cfg.latent_channels, last, 3),
-        mid_block: unet_mid_block_2d(&p / "mid_block", last, 1, cfg.mid_block_add_attention, &resnet),
+        mid_block: unet_mid_block_2d(
+            &p / "mid_block",
+            last,
+            1,
+            cfg.mid_block_add_attention,
+            &resnet,
+        ),
         up_blocks,
-        conv_norm_out: group_norm(&p / "conv_norm_out", cfg.norm_num_groups, channels[0], VAE_NORM_EPS),
+        conv_norm_out: group_norm(
+            &p / "conv_norm_out",
+            cfg.norm_num_groups,
+            channels[0],
+            VAE_NORM_EPS,
+        ),
         conv_out: conv2d(&p / "conv_out", channels[0], cfg.out_channels, 3),
     }
 }
@@ -135,7 +173,8 @@ impl Module for Decoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs);
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&xs).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&xs).silu())
     }
 }
 
@@ -163,10 +202,17 @@ pub fn autoencoder_kl(p: nn::Path, cfg: &VaeConfig) -> AutoencoderKL {
     AutoencoderKL {
         encoder: encoder(&p / "encoder", cfg),
         decoder: decoder(&p / "decoder", cfg),
-        quant_conv: cfg.use_quant_conv.then(|| conv2d(&p / "quant_conv", moments, moments, 1)),
-        post_quant_conv: cfg
-            .use_post_quant_conv
-            .then(|| conv2d(&p / "post_quant_conv", cfg.latent_channels, cfg.latent_channels, 1)),
+        quant_conv: cfg
+            .use_quant_conv
+            .then(|| conv2d(&p / "quant_conv", moments, moments, 1)),
+        post_quant_conv: cfg.use_post_quant_conv.then(|| {
+            conv2d(
+                &p / "post_quant_conv",
+                cfg.latent_channels,
+                cfg.latent_channels,
+                1,
+            )
+        }),
         scaling_factor: cfg.scaling_factor,
         shift_factor: cfg.shift_factor,
         downscale_factor: cfg.downscale_factor(),
@@ -238,6 +284,9 @@ mod tests {
         assert!(names.contains_key("encoder.down_blocks.0.downsamplers.0.conv.weight"));
         assert!(names.contains_key("decoder.up_blocks.0.upsamplers.0.conv.weight"));
         assert!(!names.contains_key("decoder.up_blocks.1.upsamplers.0.conv.weight"));
-        assert_eq!(names["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"].size(), vec![8, 16, 1, 1]);
+        assert_eq!(
+            names["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"].size(),
+            vec![8, 16, 1, 1]
+        );
     }
 }

@@ -20,7 +20,11 @@ pub struct DdimScheduler {
 impl DdimScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Self {
         let alphas_cumprod = cfg.alphas_cumprod();
-        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         let n = cfg.num_train_timesteps;
         Self {
             cfg: cfg.clone(),
@@ -36,7 +40,10 @@ impl Scheduler for DdimScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
         let n = num_inference_steps.clamp(1, self.cfg.num_train_timesteps);
         self.num_inference_steps = n;
-        let spacing = self.cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
+        let spacing = self
+            .cfg
+            .timestep_spacing
+            .unwrap_or(TimestepSpacing::Leading);
         self.timesteps = discrete_timesteps(&self.cfg, spacing, n);
     }
 
@@ -52,22 +59,38 @@ impl Scheduler for DdimScheduler {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Tensor {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Tensor {
         let t = timestep as i64;
         // diffusers steps back by the leading ratio whatever the spacing; so do we.
         let prev_t = t - (self.cfg.num_train_timesteps / self.num_inference_steps) as i64;
         let alpha_prod_t = self.alphas_cumprod[t as usize];
-        let alpha_prod_t_prev =
-            if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { self.final_alpha_cumprod };
+        let alpha_prod_t_prev = if prev_t >= 0 {
+            self.alphas_cumprod[prev_t as usize]
+        } else {
+            self.final_alpha_cumprod
+        };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_a, sqrt_b) = (alpha_prod_t.sqrt() as f64, beta_prod_t.sqrt() as f64);
 
         let (pred_original, pred_epsilon) = match self.cfg.prediction_type {
-            PredictionType::Epsilon => ((sample - model_output * sqrt_b) / sqrt_a, model_output.shallow_clone()),
-            PredictionType::Sample => ((model_output.shallow_clone()), (sample - model_output * sqrt_a) / sqrt_b),
-            PredictionType::VPrediction => {
-                (sample * sqrt_a - model_output * sqrt_b, model_output * sqrt_a + sample * sqrt_b)
-            }
+            PredictionType::Epsilon => (
+                (sample - model_output * sqrt_b) / sqrt_a,
+                model_output.shallow_clone(),
+            ),
+            PredictionType::Sample => (
+                (model_output.shallow_clone()),
+                (sample - model_output * sqrt_a) / sqrt_b,
+            ),
+            PredictionType::VPrediction => (
+                sample * sqrt_a - model_output * sqrt_b,
+                model_output * sqrt_a + sample * sqrt_b,
+            ),
         };
         let pred_original = if self.cfg.clip_sample.unwrap_or(true) {
             let r = self.cfg.clip_sample_range;

@@ -15,7 +15,6 @@ pub struct DdpmScheduler {
     /// The same schedule as a tensor, for per-sample indexing during training.
     alphas_cumprod_t: Tensor,
     timesteps: Vec<f64>,
-    num_inference_steps: usize,
 }
 
 impl DdpmScheduler {
@@ -27,7 +26,6 @@ impl DdpmScheduler {
             alphas_cumprod_t: Tensor::from_slice(&alphas_cumprod),
             alphas_cumprod,
             timesteps: (0..n).rev().map(|t| t as f64).collect(),
-            num_inference_steps: n,
         }
     }
 
@@ -84,20 +82,30 @@ impl DdpmScheduler {
 
     /// Signal-to-noise ratio ᾱ_t / (1-ᾱ_t) per timestep, for min-SNR-γ loss weighting.
     pub fn snr(&self, timesteps: &Tensor) -> Tensor {
-        let ac = self.alphas_cumprod_t.to_device(timesteps.device()).index_select(0, &timesteps.to_kind(Kind::Int64));
+        let ac = self
+            .alphas_cumprod_t
+            .to_device(timesteps.device())
+            .index_select(0, &timesteps.to_kind(Kind::Int64));
         (ac.sqrt() / (ac.ones_like() - &ac).sqrt()).square()
     }
 
+    /// The timestep after `t` in the current schedule, -1 after the last.
     fn previous_timestep(&self, t: usize) -> i64 {
-        t as i64 - (self.cfg.num_train_timesteps / self.num_inference_steps) as i64
+        match self.timesteps.iter().position(|&x| x == t as f64) {
+            Some(i) if i + 1 < self.timesteps.len() => self.timesteps[i + 1] as i64,
+            Some(_) => -1,
+            None => t as i64 - 1,
+        }
     }
 }
 
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
         let n = num_inference_steps.clamp(1, self.cfg.num_train_timesteps);
-        self.num_inference_steps = n;
-        let spacing = self.cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
+        let spacing = self
+            .cfg
+            .timestep_spacing
+            .unwrap_or(TimestepSpacing::Leading);
         self.timesteps = discrete_timesteps(&self.cfg, spacing, n);
     }
 
@@ -114,11 +122,21 @@ impl Scheduler for DdpmScheduler {
     }
 
     /// The posterior mean plus "fixed small" variance noise (none at t = 0).
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, noise: &mut dyn NoiseSource) -> Tensor {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Tensor {
         let t = timestep as usize;
         let prev_t = self.previous_timestep(t);
         let alpha_prod_t = self.alphas_cumprod[t];
-        let alpha_prod_t_prev = if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { 1.0 };
+        let alpha_prod_t_prev = if prev_t >= 0 {
+            self.alphas_cumprod[prev_t as usize]
+        } else {
+            1.0
+        };
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let current_alpha_t = alpha_prod_t / alpha_prod_t_prev;
@@ -186,7 +204,11 @@ mod tests {
         let (a, b) = s.coefficients(&x0, &t);
         let back = a * &xt - b * &v;
         assert!(back.allclose(&x0, 1e-5, 1e-5, false));
-        assert!(sd(PredictionType::Epsilon).training_target(&x0, &eps, &t).equal(&eps));
+        assert!(
+            sd(PredictionType::Epsilon)
+                .training_target(&x0, &eps, &t)
+                .equal(&eps)
+        );
     }
 
     #[test]
@@ -204,7 +226,8 @@ mod tests {
         let sample = Tensor::ones([1, 1, 2, 2], (Kind::Float, tch::Device::Cpu)) * 0.5;
         let eps = Tensor::zeros_like(&sample);
         let out = s.step(&eps, 1.0, &sample, &mut CpuGenerator);
-        // From t = 1 the previous step is t < 0 (ᾱ_prev = 1): x₀ = x_t / √ᾱ_1, no noise.
+        // From the last timestep the previous one is -1 (ᾱ_prev = 1): x₀ = x_t / √ᾱ_1, with
+        // negligible (clamped 1e-20) variance.
         let expected = 0.5 / (s.alphas_cumprod()[1] as f64).sqrt();
         assert!((out.double_value(&[0, 0, 0, 0]) - expected).abs() < 1e-6);
     }

@@ -5,8 +5,9 @@
 use tch::{Kind, Tensor};
 
 use super::{
-    NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing, index_for_timestep,
-    interp_index, karras_sigmas, linspace, round_half_even, sigma_to_t, train_sigmas, trailing,
+    BetaSchedule, NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
+    index_for_timestep, interp_index, karras_sigmas, linspace, round_half_even, sigma_to_t,
+    trailing, train_sigmas,
 };
 
 #[derive(Debug)]
@@ -37,10 +38,6 @@ impl DpmSolverMultistepScheduler {
         s
     }
 
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
     fn solver_order(&self) -> usize {
         self.cfg.solver_order.unwrap_or(2).clamp(1, 2)
     }
@@ -48,7 +45,11 @@ impl DpmSolverMultistepScheduler {
     /// Evenly spaced integer timesteps; these spacings reserve one extra step that is dropped.
     fn spaced_timesteps(&self, n: usize) -> Vec<f64> {
         let train = self.cfg.num_train_timesteps;
-        match self.cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
+        match self
+            .cfg
+            .timestep_spacing
+            .unwrap_or(TimestepSpacing::Linspace)
+        {
             TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, n + 1)
                 .into_iter()
                 .rev()
@@ -57,7 +58,10 @@ impl DpmSolverMultistepScheduler {
                 .collect(),
             TimestepSpacing::Leading => {
                 let ratio = train / (n + 1);
-                (1..=n).rev().map(|i| (i * ratio + self.cfg.steps_offset) as f64).collect()
+                (1..=n)
+                    .rev()
+                    .map(|i| (i * ratio + self.cfg.steps_offset) as f64)
+                    .collect()
             }
             TimestepSpacing::Trailing => trailing(train as f64, train as f64 / n as f64)
                 .into_iter()
@@ -87,8 +91,11 @@ impl DpmSolverMultistepScheduler {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
         let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
-        let (lambda_t, lambda_s0, lambda_s1) =
-            (lambda(alpha_t, sigma_t), lambda(alpha_s0, sigma_s0), lambda(alpha_s1, sigma_s1));
+        let (lambda_t, lambda_s0, lambda_s1) = (
+            lambda(alpha_t, sigma_t),
+            lambda(alpha_s0, sigma_s0),
+            lambda(alpha_s1, sigma_s1),
+        );
         let h = lambda_t - lambda_s0;
         let r0 = (lambda_s0 - lambda_s1) / h;
         let d1 = (m0 - m1) * (1.0 / r0) as f64;
@@ -115,7 +122,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let (timesteps, sigmas) = if self.cfg.use_karras_sigmas.unwrap_or(false) {
             let log_sigmas: Vec<f32> = all.iter().map(|s| s.ln()).collect();
             let sigmas = karras_sigmas(all[0] as f64, all[all.len() - 1] as f64, n);
-            let timesteps = sigmas.iter().map(|&s| round_half_even(sigma_to_t(s, &log_sigmas))).collect();
+            // diffusers leaves the cosine schedule's timesteps fractional.
+            let round = self.cfg.beta_schedule != BetaSchedule::SquaredcosCapV2;
+            let timesteps = sigmas
+                .iter()
+                .map(|&s| sigma_to_t(s, &log_sigmas))
+                .map(|t| if round { round_half_even(t) } else { t })
+                .collect();
             (timesteps, sigmas)
         } else {
             let timesteps = self.spaced_timesteps(n);
@@ -133,6 +146,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.timesteps
     }
 
+    fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }
@@ -141,8 +158,16 @@ impl Scheduler for DpmSolverMultistepScheduler {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Tensor {
-        let i = *self.step_index.get_or_insert_with(|| index_for_timestep(&self.timesteps, timestep));
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Tensor {
+        let i = *self
+            .step_index
+            .get_or_insert_with(|| index_for_timestep(&self.timesteps, timestep));
         let last = i + 1 == self.timesteps.len();
         // A final σ of 0 makes the second-order formula degenerate: finish with first order,
         // as also for short runs under `lower_order_final`.
@@ -154,7 +179,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let sample = sample.to_kind(Kind::Float);
         let m0 = self.model_outputs[1].as_ref().expect("just stored");
         let prev = match &self.model_outputs[0] {
-            Some(m1) if self.solver_order() == 2 && self.lower_order_nums >= 1 && !lower_order_final => {
+            Some(m1)
+                if self.solver_order() == 2 && self.lower_order_nums >= 1 && !lower_order_final =>
+            {
                 self.second_order_update(m0, m1, &sample, i)
             }
             _ => self.first_order_update(m0, &sample, i),
@@ -213,7 +240,9 @@ mod tests {
 
     #[test]
     fn linspace_spacing_drops_the_extra_step() {
-        let mut s = DpmSolverMultistepScheduler::new(&SchedulerConfig::stable_diffusion(PredictionType::Epsilon));
+        let mut s = DpmSolverMultistepScheduler::new(&SchedulerConfig::stable_diffusion(
+            PredictionType::Epsilon,
+        ));
         s.set_timesteps(4);
         // linspace(0, 999, 5).round()[::-1][:-1]
         assert_eq!(s.timesteps(), [999.0, 749.0, 500.0, 250.0]);

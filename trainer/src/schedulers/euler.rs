@@ -5,7 +5,7 @@ use tch::Tensor;
 
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing, index_for_timestep,
-    interp_index, karras_sigmas, linspace, round_half_even, sigma_to_t, train_sigmas, trailing,
+    interp_index, karras_sigmas, linspace, round_half_even, sigma_to_t, trailing, train_sigmas,
 };
 
 /// The inference timesteps and noise levels shared by Euler and Euler ancestral.
@@ -27,12 +27,17 @@ pub(super) fn euler_schedule(
     let train = cfg.num_train_timesteps;
     let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
     let timesteps: Vec<f64> = match spacing {
-        TimestepSpacing::Linspace => {
-            linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(|t| t as f32 as f64).collect()
-        }
+        TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32 as f64)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = train / n;
-            (0..n).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + cfg.steps_offset) as f64)
+                .collect()
         }
         TimestepSpacing::Trailing => trailing(train as f64, train as f64 / n as f64)
             .into_iter()
@@ -45,13 +50,27 @@ pub(super) fn euler_schedule(
         let log_sigmas: Vec<f32> = all.iter().map(|s| s.ln()).collect();
         let (min, max) = (sigmas[sigmas.len() - 1], sigmas[0]);
         sigmas = karras_sigmas(min, max, n);
-        sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64).collect()
+        sigmas
+            .iter()
+            .map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64)
+            .collect()
     } else {
         timesteps
     };
     let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
     sigmas.push(0.0);
     SigmaSchedule { timesteps, sigmas }
+}
+
+/// Every training timestep, before `set_timesteps` picks some.
+pub(super) fn training_schedule(alphas_cumprod: &[f32]) -> SigmaSchedule {
+    let n = alphas_cumprod.len();
+    let mut sigmas: Vec<f32> = train_sigmas(alphas_cumprod).into_iter().rev().collect();
+    sigmas.push(0.0);
+    SigmaSchedule {
+        timesteps: (0..n).rev().map(|t| t as f64).collect(),
+        sigmas,
+    }
 }
 
 /// The initial noise scale: σ_max, or √(σ_max² + 1) under leading spacing, as diffusers has it.
@@ -95,29 +114,40 @@ impl EulerDiscreteScheduler {
             // Zero terminal SNR makes σ infinite; diffusers nudges it to a finite value.
             *alphas_cumprod.last_mut().expect("training timesteps") = 2f32.powi(-24);
         }
-        let n = cfg.num_train_timesteps;
-        let schedule = euler_schedule(cfg, &alphas_cumprod, n, false);
-        Self { cfg: cfg.clone(), alphas_cumprod, schedule, step_index: None }
-    }
-
-    pub fn sigmas(&self) -> &[f32] {
-        &self.schedule.sigmas
+        let schedule = training_schedule(&alphas_cumprod);
+        Self {
+            cfg: cfg.clone(),
+            alphas_cumprod,
+            schedule,
+            step_index: None,
+        }
     }
 
     fn index(&mut self, timestep: f64) -> usize {
-        *self.step_index.get_or_insert_with(|| index_for_timestep(&self.schedule.timesteps, timestep))
+        *self
+            .step_index
+            .get_or_insert_with(|| index_for_timestep(&self.schedule.timesteps, timestep))
     }
 }
 
 impl Scheduler for EulerDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
         let karras = self.cfg.use_karras_sigmas.unwrap_or(false);
-        self.schedule = euler_schedule(&self.cfg, &self.alphas_cumprod, num_inference_steps.max(1), karras);
+        self.schedule = euler_schedule(
+            &self.cfg,
+            &self.alphas_cumprod,
+            num_inference_steps.max(1),
+            karras,
+        );
         self.step_index = None;
     }
 
     fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
+    }
+
+    fn sigmas(&self) -> &[f32] {
+        &self.schedule.sigmas
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -130,11 +160,18 @@ impl Scheduler for EulerDiscreteScheduler {
         sample / ((sigma * sigma + 1.0).sqrt() as f64)
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Tensor {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Tensor {
         let i = self.index(timestep);
         let (sigma, sigma_next) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
         let sample = sample.to_kind(tch::Kind::Float);
-        let pred_original = predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
+        let pred_original =
+            predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
         let derivative = (&sample - pred_original) / sigma as f64;
         let prev = sample + derivative * (sigma_next - sigma) as f64;
         self.step_index = Some(i + 1);
@@ -148,7 +185,9 @@ mod tests {
 
     #[test]
     fn linspace_schedule_starts_at_the_largest_sigma_and_ends_at_zero() {
-        let mut s = EulerDiscreteScheduler::new(&SchedulerConfig::stable_diffusion(PredictionType::Epsilon));
+        let mut s = EulerDiscreteScheduler::new(&SchedulerConfig::stable_diffusion(
+            PredictionType::Epsilon,
+        ));
         s.set_timesteps(10);
         assert_eq!(s.timesteps()[0], 999.0);
         assert_eq!(s.timesteps()[9], 0.0);
@@ -173,7 +212,9 @@ mod tests {
 
     #[test]
     fn an_epsilon_step_moves_along_the_noise_by_the_sigma_difference() {
-        let mut s = EulerDiscreteScheduler::new(&SchedulerConfig::stable_diffusion(PredictionType::Epsilon));
+        let mut s = EulerDiscreteScheduler::new(&SchedulerConfig::stable_diffusion(
+            PredictionType::Epsilon,
+        ));
         s.set_timesteps(5);
         let t0 = s.timesteps()[0];
         let sample = Tensor::from_slice(&[2.0f32, -1.0]);

@@ -3,7 +3,9 @@
 
 use tch::Tensor;
 
-use super::euler::{SigmaSchedule, euler_init_noise_sigma, euler_schedule, predicted_original};
+use super::euler::{
+    SigmaSchedule, euler_init_noise_sigma, euler_schedule, predicted_original, training_schedule,
+};
 use super::{NoiseSource, Scheduler, SchedulerConfig, index_for_timestep, noise_like};
 
 #[derive(Debug, Clone)]
@@ -20,35 +22,49 @@ impl EulerAncestralDiscreteScheduler {
         if cfg.rescale_betas_zero_snr {
             *alphas_cumprod.last_mut().expect("training timesteps") = 2f32.powi(-24);
         }
-        let schedule = euler_schedule(cfg, &alphas_cumprod, cfg.num_train_timesteps, false);
-        Self { cfg: cfg.clone(), alphas_cumprod, schedule, step_index: None }
-    }
-
-    pub fn sigmas(&self) -> &[f32] {
-        &self.schedule.sigmas
+        let schedule = training_schedule(&alphas_cumprod);
+        Self {
+            cfg: cfg.clone(),
+            alphas_cumprod,
+            schedule,
+            step_index: None,
+        }
     }
 
     fn index(&mut self, timestep: f64) -> usize {
-        *self.step_index.get_or_insert_with(|| index_for_timestep(&self.schedule.timesteps, timestep))
+        *self
+            .step_index
+            .get_or_insert_with(|| index_for_timestep(&self.schedule.timesteps, timestep))
     }
 }
 
 /// Splits the move from σ_from to σ_to into a deterministic part down to σ_down and fresh
 /// noise of scale σ_up, with σ_down² + σ_up² = σ_to².
 fn ancestral_sigmas(sigma_from: f32, sigma_to: f32) -> (f32, f32) {
-    let up = (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from)).sqrt();
+    let up = (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to)
+        / (sigma_from * sigma_from))
+        .sqrt();
     let down = (sigma_to * sigma_to - up * up).sqrt();
     (down, up)
 }
 
 impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
-        self.schedule = euler_schedule(&self.cfg, &self.alphas_cumprod, num_inference_steps.max(1), false);
+        self.schedule = euler_schedule(
+            &self.cfg,
+            &self.alphas_cumprod,
+            num_inference_steps.max(1),
+            false,
+        );
         self.step_index = None;
     }
 
     fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
+    }
+
+    fn sigmas(&self) -> &[f32] {
+        &self.schedule.sigmas
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -62,11 +78,18 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
     }
 
     /// Draws noise at every step, the last included, so the generator advances as in diffusers.
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, noise: &mut dyn NoiseSource) -> Tensor {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Tensor {
         let i = self.index(timestep);
         let (sigma, sigma_to) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
         let sample = sample.to_kind(tch::Kind::Float);
-        let pred_original = predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
+        let pred_original =
+            predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
         let (sigma_down, sigma_up) = ancestral_sigmas(sigma, sigma_to);
         let derivative = (&sample - pred_original) / sigma as f64;
         let prev = sample + derivative * (sigma_down - sigma) as f64;
@@ -92,7 +115,9 @@ mod tests {
 
     #[test]
     fn every_step_draws_noise_shaped_like_the_sample() {
-        let mut s = EulerAncestralDiscreteScheduler::new(&SchedulerConfig::stable_diffusion(PredictionType::Epsilon));
+        let mut s = EulerAncestralDiscreteScheduler::new(&SchedulerConfig::stable_diffusion(
+            PredictionType::Epsilon,
+        ));
         s.set_timesteps(3);
         let mut draws = Vec::new();
         let mut source = |shape: &[i64]| {

@@ -101,9 +101,15 @@ impl Default for SchedulerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerConfigError {
     #[error("cannot read scheduler config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid scheduler config {path}: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 impl SchedulerConfig {
@@ -121,12 +127,19 @@ impl SchedulerConfig {
         }
     }
 
+    /// Reads `scheduler_config.json`. Keys the file leaves out take the defaults of the
+    /// scheduler built from it, not of the class the file names: diffusers records which
+    /// values were defaulted and drops them when `from_config` switches classes.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SchedulerConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SchedulerConfigError::Read { path: path.to_owned(), source })?;
-        serde_json::from_str(&text)
-            .map_err(|source| SchedulerConfigError::Parse { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| SchedulerConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| SchedulerConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The cumulative product of (1 - β) over the training timesteps, float32 as in
@@ -136,7 +149,9 @@ impl SchedulerConfig {
         let opts = (Kind::Float, Device::Cpu);
         let betas = match (&self.trained_betas, self.beta_schedule) {
             (Some(betas), _) => Tensor::from_slice(betas).to_kind(Kind::Float),
-            (None, BetaSchedule::Linear) => Tensor::linspace(self.beta_start, self.beta_end, n, opts),
+            (None, BetaSchedule::Linear) => {
+                Tensor::linspace(self.beta_start, self.beta_end, n, opts)
+            }
             (None, BetaSchedule::ScaledLinear) => {
                 Tensor::linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n, opts).square()
             }
@@ -144,7 +159,11 @@ impl SchedulerConfig {
                 Tensor::from_slice(&cosine_betas(self.num_train_timesteps)).to_kind(Kind::Float)
             }
         };
-        let betas = if self.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas };
+        let betas = if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        };
         let alphas_cumprod = (betas.ones_like() - &betas).cumprod(0, Kind::Float);
         Vec::<f32>::try_from(&alphas_cumprod).expect("a float vector")
     }
@@ -152,7 +171,11 @@ impl SchedulerConfig {
 
 /// Improved DDPM's cosine schedule, β capped at 0.999.
 fn cosine_betas(n: usize) -> Vec<f64> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -169,7 +192,13 @@ fn rescale_zero_terminal_snr(betas: &Tensor) -> Tensor {
     let sqrt_bar = (&sqrt_bar - &last) * (&first / (&first - &last));
     let bar = sqrt_bar.square();
     let n = bar.size()[0];
-    let alphas = Tensor::cat(&[bar.narrow(0, 0, 1), bar.narrow(0, 1, n - 1) / bar.narrow(0, 0, n - 1)], 0);
+    let alphas = Tensor::cat(
+        &[
+            bar.narrow(0, 0, 1),
+            bar.narrow(0, 1, n - 1) / bar.narrow(0, 0, n - 1),
+        ],
+        0,
+    );
     alphas.ones_like() - alphas
 }
 
@@ -178,7 +207,10 @@ fn rescale_zero_terminal_snr(betas: &Tensor) -> Tensor {
 fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+    linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// numpy's `linspace` (endpoint included), in f64.
@@ -188,7 +220,15 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
         1 => vec![start],
         _ => {
             let step = (end - start) / (n - 1) as f64;
-            (0..n).map(|i| if i == n - 1 { end } else { start + i as f64 * step }).collect()
+            (0..n)
+                .map(|i| {
+                    if i == n - 1 {
+                        end
+                    } else {
+                        start + i as f64 * step
+                    }
+                })
+                .collect()
         }
     }
 }
@@ -215,7 +255,7 @@ fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
         .iter()
         .rposition(|&l| log_sigma - l as f64 >= 0.0)
         .unwrap_or(0)
-    .min(log_sigmas.len() - 2);
+        .min(log_sigmas.len() - 2);
     let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[low + 1] as f64);
     let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
     (1.0 - w) * low as f64 + w * (low + 1) as f64
@@ -223,19 +263,27 @@ fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 
 /// The noise level σ = √((1 - ᾱ)/ᾱ) of every training timestep, in float32.
 fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+    alphas_cumprod
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect()
 }
 
 /// Integer inference timesteps by spacing, as DDPM and DDIM pick them.
 fn discrete_timesteps(cfg: &SchedulerConfig, spacing: TimestepSpacing, n: usize) -> Vec<f64> {
     let train = cfg.num_train_timesteps;
     match spacing {
-        TimestepSpacing::Linspace => {
-            linspace(0.0, (train - 1) as f64, n).into_iter().rev().map(round_half_even).collect()
-        }
+        TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(round_half_even)
+            .collect(),
         TimestepSpacing::Leading => {
             let ratio = train / n;
-            (0..n).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + cfg.steps_offset) as f64)
+                .collect()
         }
         TimestepSpacing::Trailing => trailing(train as f64, train as f64 / n as f64)
             .into_iter()
@@ -253,7 +301,11 @@ fn trailing(start: f64, step: f64) -> Vec<f64> {
 /// numpy rounds halves to even.
 fn round_half_even(x: f64) -> f64 {
     let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - x.signum() } else { r }
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
 }
 
 /// Where sampling noise comes from. Ancestral samplers draw from it once per step, in
@@ -282,7 +334,10 @@ impl NoiseSource for CpuGenerator {
 
 /// Draws noise shaped like `like`, on its device and in its kind.
 fn noise_like(noise: &mut dyn NoiseSource, like: &Tensor) -> Tensor {
-    noise.randn(&like.size()).to_device(like.device()).to_kind(like.kind())
+    noise
+        .randn(&like.size())
+        .to_device(like.device())
+        .to_kind(like.kind())
 }
 
 /// The interface every inference scheduler shares, as in diffusers.
@@ -291,19 +346,34 @@ pub trait Scheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize);
     /// The timesteps to feed the UNet, first to last (fractional for some schedulers).
     fn timesteps(&self) -> &[f64];
+    /// The noise level of each timestep plus a final one, for the σ-parameterised
+    /// schedulers; empty for those that work in ᾱ (DDPM, DDIM).
+    fn sigmas(&self) -> &[f32] {
+        &[]
+    }
     /// Scale of the initial Gaussian latents.
     fn init_noise_sigma(&self) -> f64;
     /// The UNet input at `timestep` (σ-scaled for the Karras-style samplers).
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor;
     /// One denoising step from `timestep`: returns the previous (less noisy) sample.
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor, noise: &mut dyn NoiseSource)
-    -> Tensor;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Tensor;
 }
 
 /// Position of `timestep` in `timesteps`; with duplicates diffusers takes the second, so a
 /// run that starts mid-schedule does not skip a σ.
 fn index_for_timestep(timesteps: &[f64], timestep: f64) -> usize {
-    let hits: Vec<usize> = timesteps.iter().enumerate().filter(|(_, t)| **t == timestep).map(|(i, _)| i).collect();
+    let hits: Vec<usize> = timesteps
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == timestep)
+        .map(|(i, _)| i)
+        .collect();
     match hits.as_slice() {
         [] => timesteps.len().saturating_sub(1),
         [only] => *only,
@@ -324,8 +394,12 @@ pub enum Sampler {
 }
 
 impl Sampler {
-    pub const ALL: [Sampler; 4] =
-        [Sampler::Ddim, Sampler::Euler, Sampler::EulerAncestral, Sampler::DpmPp2mKarras];
+    pub const ALL: [Sampler; 4] = [
+        Sampler::Ddim,
+        Sampler::Euler,
+        Sampler::EulerAncestral,
+        Sampler::DpmPp2mKarras,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -370,7 +444,10 @@ impl FromStr for Sampler {
     type Err = UnknownSampler;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Sampler::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| UnknownSampler(s.to_owned()))
+        Sampler::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| UnknownSampler(s.to_owned()))
     }
 }
 
@@ -390,7 +467,10 @@ mod tests {
 
     #[test]
     fn discrete_spacings_match_numpy() {
-        let cfg = SchedulerConfig { steps_offset: 1, ..SchedulerConfig::default() };
+        let cfg = SchedulerConfig {
+            steps_offset: 1,
+            ..SchedulerConfig::default()
+        };
         assert_eq!(
             discrete_timesteps(&cfg, TimestepSpacing::Leading, 10),
             [901., 801., 701., 601., 501., 401., 301., 201., 101., 1.]
@@ -399,7 +479,10 @@ mod tests {
             discrete_timesteps(&cfg, TimestepSpacing::Trailing, 3),
             [999., 666., 332.] // arange(1000, 0, -333.33).round() - 1
         );
-        assert_eq!(discrete_timesteps(&cfg, TimestepSpacing::Linspace, 4), [999., 666., 333., 0.]);
+        assert_eq!(
+            discrete_timesteps(&cfg, TimestepSpacing::Linspace, 4),
+            [999., 666., 333., 0.]
+        );
     }
 
     #[test]
@@ -423,7 +506,10 @@ mod tests {
             let back = sigma_to_t(sigmas[t] as f64, &log_sigmas);
             assert!((back - t as f64).abs() < 1e-3, "{t} -> {back}");
         }
-        let between = sigma_to_t(((sigmas[10] as f64).ln() * 0.5 + (sigmas[11] as f64).ln() * 0.5).exp(), &log_sigmas);
+        let between = sigma_to_t(
+            ((sigmas[10] as f64).ln() * 0.5 + (sigmas[11] as f64).ln() * 0.5).exp(),
+            &log_sigmas,
+        );
         assert!((between - 10.5).abs() < 1e-3, "{between}");
     }
 
@@ -439,7 +525,13 @@ mod tests {
         for s in Sampler::ALL {
             assert_eq!(s.name().parse::<Sampler>().unwrap(), s);
         }
-        assert!("heun".parse::<Sampler>().unwrap_err().to_string().contains("dpmpp-2m-karras"));
+        assert!(
+            "heun"
+                .parse::<Sampler>()
+                .unwrap_err()
+                .to_string()
+                .contains("dpmpp-2m-karras")
+        );
     }
 
     #[test]
@@ -449,6 +541,13 @@ mod tests {
             "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null, "clip_sample": false,
             "prediction_type": "v_prediction"}"#;
         let cfg: SchedulerConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(cfg, SchedulerConfig::stable_diffusion(PredictionType::VPrediction));
+        assert_eq!(
+            cfg,
+            SchedulerConfig::stable_diffusion(PredictionType::VPrediction)
+        );
+        assert_eq!(
+            cfg.timestep_spacing, None,
+            "each scheduler picks its own default"
+        );
     }
 }

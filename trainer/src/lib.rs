@@ -9,5 +9,6 @@ pub mod models;
 pub mod pipeline;
 pub mod runtime;
 pub mod schedulers;
+pub mod tiny_model;
 pub mod tokenizer;
 pub mod train;

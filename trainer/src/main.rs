@@ -3,6 +3,9 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use dreambooth_api::{ExitKind, Session, validate};
+use dreambooth_api::spec::Precision;
+use dreambooth_trainer::checkpoint::{self, LoadOptions};
+use dreambooth_trainer::tiny_model::{self, TinyVariant};
 use dreambooth_trainer::bench;
 use dreambooth_trainer::models::versions::KnownVersion;
 use dreambooth_trainer::runtime::RuntimeInfo;
@@ -24,6 +27,25 @@ struct Cli {
 enum Command {
     /// Print the libtorch runtime: CUDA availability and a matmul check, as JSON.
     Info,
+    /// Write a complete diffusers folder with tiny random weights (tests and the demo).
+    TinyModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_parser = ["sd1", "sd2"], default_value = "sd1")]
+        variant: String,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Convert between a diffusers folder and a single `.safetensors` (`.ckpt` in too);
+    /// the direction follows the paths.
+    Convert {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_parser = ["fp16", "fp32", "bf16"], default_value = "fp16")]
+        precision: String,
+    },
     /// Time training steps of the full-size architecture with random weights.
     Bench(BenchArgs),
     /// Check a session file (YAML or JSON, manifest or bare spec) and print every problem.
@@ -81,6 +103,23 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { file } => Ok(validate_file(&file)),
+        Command::TinyModel { out, variant, seed } => {
+            let variant = if variant == "sd2" { TinyVariant::Sd2 } else { TinyVariant::Sd1 };
+            tiny_model::write_tiny_model(&out, variant, seed)?;
+            println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert { input, output, precision } => {
+            let precision = match precision.as_str() {
+                "fp32" => Precision::Fp32,
+                "bf16" => Precision::Bf16,
+                _ => Precision::Fp16,
+            };
+            let model = checkpoint::convert(&input, &output, precision, &LoadOptions::default())?;
+            eprintln!("{:?} {:?} model from {}", model.version, model.kind, input.display());
+            println!("{}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             let report = bench::bench_unet_phase(&bench_config(&args)?);
             eprintln!(

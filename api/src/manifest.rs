@@ -24,6 +24,10 @@ pub struct Manifest {
     /// What the dataset preparation found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<DatasetReport>,
+    /// The resolved configuration the run used (presets and `auto` expanded), so a
+    /// finished output says exactly how it was made.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
 }
 
 /// What dataset preparation used, skipped and noticed; printed and kept in the manifest.
@@ -120,10 +124,12 @@ mod tests {
                 sha256: "ab".repeat(32),
             }],
             dataset: None,
+            config: serde_json::json!({"training": {"unetSteps": 1850}}),
         };
         let json = serde_json::to_string(&manifest).unwrap();
         assert!(json.contains("\"kind\":\"model\""));
         assert!(json.contains("\"baseModel\""));
+        assert!(json.contains("\"unetSteps\":1850"));
         assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), manifest);
         assert_eq!(manifest.models().count(), 1);
     }

@@ -12,7 +12,8 @@ use crate::cuda;
 use crate::models::config::UNetConfig;
 use crate::models::unet::unet;
 use crate::models::versions::KnownVersion;
-use crate::train::objective::{NoiseSettings, Prediction, loss, noise_batch};
+use crate::schedulers::PredictionType;
+use crate::train::objective::{NoiseSettings, loss, noise_batch};
 
 /// Tokens per caption, as every SD pipeline pads to.
 const SEQUENCE_LENGTH: i64 = 77;
@@ -81,7 +82,7 @@ pub fn bench_unet_phase(config: &BenchConfig) -> BenchReport {
     let latents = Tensor::randn([config.batch, 4, latent_side, latent_side], options);
     let context = Tensor::randn([config.batch, SEQUENCE_LENGTH, context_dim], options);
     let alphas_cumprod = scaled_linear_alphas_cumprod(config.device);
-    let settings = NoiseSettings { prediction: Prediction::Epsilon, offset_noise: 0.0, min_snr_gamma: None };
+    let settings = NoiseSettings { prediction: PredictionType::Epsilon, offset_noise: 0.0, min_snr_gamma: None };
     let step = |optimizer: &mut nn::Optimizer| -> Tensor {
         let batch = noise_batch(&latents, &alphas_cumprod, &settings);
         let prediction = cuda::autocast(use_autocast, || model.forward(&batch.noisy_latents, &batch.timesteps, &context));

@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use dreambooth_api::{ExitKind, Session, validate};
+use dreambooth_api::{ExitKind, Outcome, Progress, Session, Stage, validate};
+use dreambooth_trainer::train::preemption::StopSignal;
+use dreambooth_trainer::train::session::{SessionError, SessionOptions, run_session};
 use dreambooth_api::spec::Precision;
 use dreambooth_trainer::checkpoint::{self, LoadOptions};
 use dreambooth_trainer::tiny_model::{self, TinyVariant};
@@ -25,6 +27,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole session: prepare the photos, train both phases, write checkpoints,
+    /// samples, the model and the manifest. Reruns resume from the latest state.
+    Train {
+        /// The session file (YAML or JSON, manifest or bare spec).
+        file: PathBuf,
+        /// Overrides `spec.output.uri`.
+        #[arg(long)]
+        output: Option<String>,
+        /// `cuda` when available, else `cpu`.
+        #[arg(long)]
+        device: Option<String>,
+        /// Where the outcome summary goes for Kubernetes.
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
+    },
     /// Print the libtorch runtime: CUDA availability and a matmul check, as JSON.
     Info,
     /// Write a complete diffusers folder with tiny random weights (tests and the demo).
@@ -35,6 +52,18 @@ enum Command {
         variant: String,
         #[arg(long, default_value_t = 0)]
         seed: i64,
+    },
+    /// Write the demo's photos: a toy on varied backgrounds, named like a DreamBooth dataset.
+    DemoPhotos {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 12)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Side of the square photos in pixels.
+        #[arg(long, default_value_t = 96)]
+        size: u32,
     },
     /// Convert between a diffusers folder and a single `.safetensors` (`.ckpt` in too);
     /// the direction follows the paths.
@@ -96,6 +125,8 @@ fn main() -> Result<ExitCode> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes would garble pod logs and anything parsing them.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Info => {
@@ -103,10 +134,18 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { file } => Ok(validate_file(&file)),
+        Command::Train { file, output, device, termination_log } => {
+            Ok(train(&file, output, device.as_deref(), &termination_log))
+        }
         Command::TinyModel { out, variant, seed } => {
             let variant = if variant == "sd2" { TinyVariant::Sd2 } else { TinyVariant::Sd1 };
             tiny_model::write_tiny_model(&out, variant, seed)?;
             println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoPhotos { out, count, seed, size } => {
+            let files = dreambooth_trainer::demo_photos::write_demo_photos(&out, count, seed, size)?;
+            println!("{} photos in {}", files.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { input, output, precision } => {
@@ -167,13 +206,95 @@ fn validate_file(file: &Path) -> ExitCode {
     exit(ExitKind::Succeeded)
 }
 
-fn bench_config(args: &BenchArgs) -> Result<bench::BenchConfig> {
-    let device = match args.device.as_deref() {
+fn parse_device(device: Option<&str>) -> Result<tch::Device> {
+    Ok(match device {
         None => tch::Device::cuda_if_available(),
         Some("cpu") => tch::Device::Cpu,
         Some("cuda") => tch::Device::Cuda(0),
         Some(other) => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    })
+}
+
+/// Runs a session and reports how it ended: exit code, termination message, last line.
+fn train(file: &Path, output: Option<String>, device: Option<&str>, termination_log: &Path) -> ExitCode {
+    let started = (|| -> Result<(Session, tch::Device, StopSignal), (ExitKind, String)> {
+        let mut session = Session::load(file).map_err(|e| (ExitKind::BadConfig, e.to_string()))?;
+        if let Some(output) = output {
+            session.spec.output.uri = output;
+        }
+        let device = parse_device(device).map_err(|e| (ExitKind::BadConfig, e.to_string()))?;
+        let stop = StopSignal::install().map_err(|e| (ExitKind::Internal, e.to_string()))?;
+        Ok((session, device, stop))
+    })();
+    let result = match started {
+        Ok((session, device, stop)) => {
+            let mut bar = ProgressLine::new();
+            run_session(&session, &SessionOptions { device, stop }, &mut |p| bar.show(p))
+                .map_err(|e| (e.exit_kind(), e.to_string(), preempted_step(&e)))
+        }
+        Err((kind, message)) => Err((kind, message, None)),
     };
+    let outcome = match &result {
+        Ok(done) => {
+            eprintln!("model: {}\nmanifest: {}", done.model_uri, done.manifest_uri);
+            Outcome { outcome: ExitKind::Succeeded, step: done.step, manifest_uri: Some(done.manifest_uri.clone()), message: None }
+        }
+        Err((kind, message, step)) => {
+            eprintln!("error: {message}");
+            Outcome { outcome: *kind, step: step.unwrap_or(0), manifest_uri: None, message: Some(message.clone()) }
+        }
+    };
+    // Outside Kubernetes the default path is usually not writable; that is fine.
+    let _ = std::fs::write(termination_log, outcome.to_termination_message());
+    exit(outcome.outcome)
+}
+
+fn preempted_step(error: &SessionError) -> Option<u32> {
+    match error {
+        SessionError::Preempted { step } => Some(*step),
+        _ => None,
+    }
+}
+
+/// One status line: redrawn in place on a terminal, a log line every 1 % otherwise.
+struct ProgressLine {
+    terminal: bool,
+    last_logged: Option<(Stage, u32)>,
+}
+
+impl ProgressLine {
+    fn new() -> Self {
+        Self { terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()), last_logged: None }
+    }
+
+    fn show(&mut self, p: &Progress) {
+        let line = format!(
+            "{:?} {}/{} loss {} {} steps/s ETA {}",
+            p.stage,
+            p.step,
+            p.total_steps,
+            p.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            p.steps_per_second.map_or("-".into(), |s| format!("{s:.2}")),
+            p.eta_seconds.map_or("-".into(), |s| format!("{}s", s.round())),
+        );
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+            if p.stage == Stage::Done {
+                eprintln!();
+            }
+            return;
+        }
+        // About a hundred lines over a run, and every change of stage.
+        let every = (p.total_steps / 100).max(1);
+        if p.step % every == 0 && (self.last_logged != Some((p.stage, p.step)) || p.stage == Stage::Done) {
+            self.last_logged = Some((p.stage, p.step));
+            tracing::info!(stage = ?p.stage, step = p.step, total = p.total_steps, loss = p.loss, "{line}");
+        }
+    }
+}
+
+fn bench_config(args: &BenchArgs) -> Result<bench::BenchConfig> {
+    let device = parse_device(args.device.as_deref())?;
     Ok(bench::BenchConfig {
         version: match args.arch {
             Arch::Sd15 => KnownVersion::Sd15,

@@ -4,17 +4,13 @@
 
 use tch::{Kind, Tensor};
 
-/// What the UNet predicts, from the scheduler config's `prediction_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prediction {
-    Epsilon,
-    VPrediction,
-}
+use crate::schedulers::PredictionType;
 
 /// Noise settings of one run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NoiseSettings {
-    pub prediction: Prediction,
+    /// What the UNet predicts, from the scheduler config.
+    pub prediction: PredictionType,
     /// `noise + s·randn(B, C, 1, 1)`: lets the model shift whole-image brightness.
     pub offset_noise: f64,
     pub min_snr_gamma: Option<f64>,
@@ -47,8 +43,9 @@ pub fn noise_batch(latents: &Tensor, alphas_cumprod: &Tensor, settings: &NoiseSe
     let sigma = (1f64 - &alpha_bar).sqrt();
     let noisy_latents = &signal * latents + &sigma * &noise;
     let target = match settings.prediction {
-        Prediction::Epsilon => noise,
-        Prediction::VPrediction => &signal * &noise - &sigma * latents,
+        PredictionType::Epsilon => noise,
+        PredictionType::VPrediction => &signal * &noise - &sigma * latents,
+        PredictionType::Sample => latents.shallow_clone(),
     };
     let weights = match settings.min_snr_gamma {
         Some(gamma) => min_snr_weights(&alpha_bar.view([batch]), gamma, settings.prediction),
@@ -59,12 +56,14 @@ pub fn noise_batch(latents: &Tensor, alphas_cumprod: &Tensor, settings: &NoiseSe
 
 /// Min-SNR-γ (Hang et al. 2023): `min(SNR, γ) / SNR` for epsilon, `min(SNR, γ) / (SNR + 1)`
 /// for v-prediction, so easy low-noise timesteps stop dominating the gradient.
-pub fn min_snr_weights(alpha_bar: &Tensor, gamma: f64, prediction: Prediction) -> Tensor {
+pub fn min_snr_weights(alpha_bar: &Tensor, gamma: f64, prediction: PredictionType) -> Tensor {
     let snr = alpha_bar / (1f64 - alpha_bar);
     let clipped = snr.clamp_max(gamma);
     match prediction {
-        Prediction::Epsilon => clipped / snr,
-        Prediction::VPrediction => clipped / (snr + 1.0),
+        PredictionType::Epsilon => clipped / snr,
+        PredictionType::VPrediction => clipped / (snr + 1.0),
+        // x0 targets are already SNR-weighted relative to epsilon.
+        PredictionType::Sample => clipped,
     }
 }
 
@@ -94,7 +93,7 @@ mod tests {
         (Tensor::ones_like(&betas) - betas).cumprod(0, Kind::Float)
     }
 
-    fn settings(prediction: Prediction) -> NoiseSettings {
+    fn settings(prediction: PredictionType) -> NoiseSettings {
         NoiseSettings { prediction, offset_noise: 0.0, min_snr_gamma: None }
     }
 
@@ -103,7 +102,7 @@ mod tests {
         tch::manual_seed(0);
         let latents = Tensor::randn([3, 4, 8, 8], (Kind::Float, tch::Device::Cpu));
         let ac = alphas_cumprod();
-        let batch = noise_batch(&latents, &ac, &settings(Prediction::Epsilon));
+        let batch = noise_batch(&latents, &ac, &settings(PredictionType::Epsilon));
         let a = ac.index_select(0, &batch.timesteps).view([3, 1, 1, 1]);
         let rebuilt = a.sqrt() * &latents + (1f64 - &a).sqrt() * &batch.target;
         assert!(rebuilt.allclose(&batch.noisy_latents, 1e-5, 1e-6, false));
@@ -115,7 +114,7 @@ mod tests {
         tch::manual_seed(1);
         let latents = Tensor::randn([2, 4, 4, 4], (Kind::Float, tch::Device::Cpu));
         let ac = alphas_cumprod();
-        let batch = noise_batch(&latents, &ac, &settings(Prediction::VPrediction));
+        let batch = noise_batch(&latents, &ac, &settings(PredictionType::VPrediction));
         let a = ac.index_select(0, &batch.timesteps).view([2, 1, 1, 1]);
         // x_t = α x0 + σ ε and v = α ε − σ x0 give x0 = α x_t − σ v.
         let x0 = a.sqrt() * &batch.noisy_latents - (1f64 - &a).sqrt() * &batch.target;
@@ -123,25 +122,13 @@ mod tests {
     }
 
     #[test]
-    fn the_same_seed_draws_the_same_batch() {
-        let latents = Tensor::ones([2, 4, 4, 4], (Kind::Float, tch::Device::Cpu));
-        let offset = NoiseSettings { offset_noise: 0.1, ..settings(Prediction::Epsilon) };
-        tch::manual_seed(7);
-        let first = noise_batch(&latents, &alphas_cumprod(), &offset);
-        tch::manual_seed(7);
-        let second = noise_batch(&latents, &alphas_cumprod(), &offset);
-        assert!(first.noisy_latents.equal(&second.noisy_latents));
-        assert!(first.timesteps.equal(&second.timesteps));
-    }
-
-    #[test]
     fn min_snr_caps_the_weight_of_low_noise_steps() {
         let alpha_bar = Tensor::from_slice(&[0.99f32, 0.5, 0.01]);
-        let eps = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, Prediction::Epsilon)).unwrap();
+        let eps = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, PredictionType::Epsilon)).unwrap();
         // SNR 99 → 5/99; SNR 1 → 1; SNR ≈ 0.0101 → 1.
         assert!((eps[0] - 5.0 / 99.0).abs() < 1e-4, "{eps:?}");
         assert!((eps[1] - 1.0).abs() < 1e-6 && (eps[2] - 1.0).abs() < 1e-6, "{eps:?}");
-        let v = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, Prediction::VPrediction)).unwrap();
+        let v = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, PredictionType::VPrediction)).unwrap();
         assert!((v[1] - 0.5).abs() < 1e-6, "{v:?}");
     }
 

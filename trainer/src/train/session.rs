@@ -1,0 +1,411 @@
+//! `dreambooth-trainer train SESSION.yaml`: a whole session from photos to a model.
+//!
+//! Prepare the data, cache latents, run both phases, and at every checkpoint write the
+//! model, samples and a training state; at the end the model in every requested format,
+//! the last samples and, written last, `manifest.json`. A rerun with the same output
+//! continues from the latest state.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dreambooth_api::manifest::ArtifactKind;
+use dreambooth_api::spec::{Dataset, MixedPrecision};
+use dreambooth_api::{ExitKind, Manifest, Progress, ResolvedTraining, Session, Stage};
+use tch::Device;
+
+use super::examples::{Example, encode_example};
+use super::export::{render_samples, snapshot, write_model};
+use super::objective::NoiseSettings;
+use super::preemption::StopSignal;
+use super::state::{StateInfo, load_state, save_state};
+use super::trainer::{LoopSettings, Trainer};
+use crate::checkpoint::{LoadedModel, load_pipeline_weights};
+use crate::data::{self, InstanceImage, PreparedDataset};
+use crate::export::manifest::rfc3339_utc;
+use crate::export::{
+    MANIFEST_FILE, OutputWriter, checkpoint_key, load_manifest, model_key, state_prefix, state_steps, write_samples,
+};
+use crate::pipeline::Models;
+use crate::schedulers::SchedulerConfig;
+use crate::storage::{Storage, open_storage};
+use crate::tokenizer::ClipTokenizer;
+
+/// Why a session stopped early, with the exit code the operator acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Infrastructure(String),
+    #[error("stopped by a signal after step {step}; the training state is saved")]
+    Preempted { step: u32 },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl SessionError {
+    pub fn exit_kind(&self) -> ExitKind {
+        match self {
+            SessionError::Config(_) => ExitKind::BadConfig,
+            SessionError::Data(_) => ExitKind::BadData,
+            SessionError::Infrastructure(_) => ExitKind::Retriable,
+            SessionError::Preempted { .. } => ExitKind::Preempted,
+            SessionError::Internal(_) => ExitKind::Internal,
+        }
+    }
+}
+
+/// What a finished session produced.
+#[derive(Debug, Clone)]
+pub struct SessionOutcome {
+    pub step: u32,
+    pub manifest_uri: String,
+    pub model_uri: String,
+}
+
+/// Called after every step with the current progress.
+pub type ProgressSink<'a> = &'a mut dyn FnMut(&Progress);
+
+pub struct SessionOptions {
+    pub device: Device,
+    pub stop: StopSignal,
+}
+
+pub fn run_session(session: &Session, options: &SessionOptions, progress: ProgressSink) -> Result<SessionOutcome, SessionError> {
+    let spec = &session.spec;
+    let report = dreambooth_api::validate(&session.name, spec);
+    if !report.is_valid() {
+        let errors: Vec<String> = report.errors().map(|p| p.to_string()).collect();
+        return Err(SessionError::Config(errors.join("\n")));
+    }
+    let storage = open_storage(&spec.output.uri).map_err(|e| SessionError::Config(e.to_string()))?;
+    if let Some(done) = finished_before(session, storage.as_ref())? {
+        tracing::info!("{} is already complete; nothing to do", done.manifest_uri);
+        return Ok(done);
+    }
+    let scratch = tempfile::tempdir().map_err(|e| SessionError::Infrastructure(e.to_string()))?;
+    let mut snapshot_progress = Progress { session: session.name.clone(), stage: Stage::Preparing, ..Progress::default() };
+    progress(&snapshot_progress);
+
+    let base = load_base_model(spec.base_model.effective_uri().as_str())?;
+    let dataset_dir = local_folder(&spec.dataset.uri, "spec.dataset.uri")?;
+    let prepared = data::prepare(&dataset_dir, &spec.dataset).map_err(|e| SessionError::Data(e.to_string()))?;
+    for warning in &prepared.report.warnings {
+        tracing::warn!("dataset: {warning}");
+    }
+    let resolved = dreambooth_api::resolve(&spec.training, Some(prepared.images.len()))
+        .map_err(|e| SessionError::Config(e.to_string()))?;
+    let seed = spec.training.seed.unwrap_or_else(random_seed);
+    let tokenizer_dir = base.tokenizer.clone().ok_or_else(|| {
+        SessionError::Config(format!(
+            "{}: a single-file base model carries no tokenizer; use a diffusers folder",
+            base.source.display()
+        ))
+    })?;
+    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir).map_err(|e| SessionError::Config(e.to_string()))?;
+    let device = options.device;
+    let (models, stores) = Models::load(&base, device).map_err(|e| SessionError::Config(e.to_string()))?;
+
+    let instances = encode_examples(&models, &tokenizer, &prepared.images, spec.dataset.flip, device)?;
+    let classes = class_examples(spec, &models, &tokenizer, device)?;
+    let settings = loop_settings(spec, &resolved, &base, seed, device, !classes.is_empty());
+    let total = settings.total_steps();
+    let scheduler_config: SchedulerConfig =
+        serde_json::from_value(base.scheduler.clone()).map_err(|e| SessionError::Config(format!("scheduler config: {e}")))?;
+    let alphas_cumprod = scheduler_config.alphas_cumprod();
+    let mut trainer = Trainer::new(models, stores, settings, instances, classes, &alphas_cumprod);
+
+    let (mut writer, start) = resume(&mut trainer, storage, scratch.path())?;
+    snapshot_progress.total_steps = total;
+    snapshot_progress.step = start;
+
+    let sample_prompts = sample_prompts(spec, &prepared);
+    let size = (i64::from(spec.dataset.resolution), i64::from(spec.dataset.resolution));
+    let timer = Instant::now();
+    for step in start..total {
+        let report = trainer.step(step);
+        let done = step + 1;
+        let elapsed = timer.elapsed().as_secs_f64();
+        let speed = f64::from(done - start) / elapsed.max(1e-9);
+        snapshot_progress.stage = match report.phase {
+            super::trainer::Phase::TextEncoder => Stage::TextEncoder,
+            super::trainer::Phase::Unet => Stage::Unet,
+        };
+        snapshot_progress.step = done;
+        snapshot_progress.loss = Some(report.loss);
+        snapshot_progress.learning_rate = Some(report.learning_rate);
+        snapshot_progress.steps_per_second = Some(speed);
+        snapshot_progress.images_per_second = Some(speed * spec.training.batch_size as f64);
+        snapshot_progress.eta_seconds = Progress::estimate_eta(done, total, Some(speed));
+        if is_checkpoint(spec, done, total) {
+            write_checkpoint(&trainer, &base, &tokenizer, &scheduler_config, session, &sample_prompts, size, done, &mut writer, scratch.path())?;
+            snapshot_progress.checkpoints.push(writer.storage().uri(&checkpoint_key(&session.name, done)));
+        }
+        progress(&snapshot_progress);
+        if options.stop.requested() && done < total {
+            save_training_state(&trainer, done, &mut writer, scratch.path(), spec.checkpoints.keep_last_states)?;
+            return Err(SessionError::Preempted { step: done });
+        }
+    }
+
+    snapshot_progress.stage = Stage::Exporting;
+    progress(&snapshot_progress);
+    let model = snapshot(&base, &trainer.stores);
+    let names = write_model(&model, scratch.path(), &session.name, &spec.checkpoints.formats, spec.checkpoints.precision)
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    for name in &names {
+        writer.record_path(ArtifactKind::Model, total, name, &scratch.path().join(name)).map_err(infra)?;
+    }
+    let images = render_samples(&trainer.models, &tokenizer, &scheduler_config, &spec.samples, &sample_prompts, size)
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    write_samples(&mut writer, total, &images).map_err(infra)?;
+    let manifest = Manifest {
+        session: session.name.clone(),
+        base_model: spec.base_model.effective_uri(),
+        step: total,
+        total_steps: total,
+        seed,
+        created_at: rfc3339_utc(std::time::SystemTime::now()),
+        artifacts: Vec::new(),
+        dataset: Some(prepared.report.clone()),
+        config: resolved_config(session, &resolved, seed),
+    };
+    let manifest_uri = writer.finish(manifest).map_err(infra)?;
+    snapshot_progress.stage = Stage::Done;
+    progress(&snapshot_progress);
+    Ok(SessionOutcome { step: total, manifest_uri, model_uri: writer.storage().uri(&model_key(&session.name)) })
+}
+
+/// A manifest in the output prefix means an earlier run finished: a rerun (a Job retried
+/// after its pod succeeded, a user running the command again) changes nothing.
+fn finished_before(session: &Session, storage: &dyn Storage) -> Result<Option<SessionOutcome>, SessionError> {
+    let Some(manifest) = load_manifest(storage).map_err(infra)? else {
+        return Ok(None);
+    };
+    if manifest.session != session.name {
+        return Err(SessionError::Config(format!(
+            "{} belongs to session `{}`; give `{}` its own output prefix",
+            storage.uri(MANIFEST_FILE),
+            manifest.session,
+            session.name
+        )));
+    }
+    Ok(Some(SessionOutcome {
+        step: manifest.step,
+        manifest_uri: storage.uri(MANIFEST_FILE),
+        model_uri: storage.uri(&model_key(&session.name)),
+    }))
+}
+
+fn infra(error: impl std::fmt::Display) -> SessionError {
+    SessionError::Infrastructure(error.to_string())
+}
+
+fn load_base_model(uri: &str) -> Result<LoadedModel, SessionError> {
+    let path = local_path(uri, "spec.baseModel.uri")?;
+    load_pipeline_weights(&path).map_err(|e| SessionError::Config(e.to_string()))
+}
+
+/// `file://` URIs as local paths. Other schemes arrive with object storage.
+fn local_path(uri: &str, field: &str) -> Result<PathBuf, SessionError> {
+    match uri.strip_prefix("file://") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Err(SessionError::Config(format!("{field}: `{uri}`: only file:// is supported by this build so far"))),
+    }
+}
+
+fn local_folder(uri: &str, field: &str) -> Result<PathBuf, SessionError> {
+    local_path(uri, field)
+}
+
+fn encode_examples(
+    models: &Models,
+    tokenizer: &ClipTokenizer,
+    images: &[InstanceImage],
+    flip: bool,
+    device: Device,
+) -> Result<Vec<Example>, SessionError> {
+    let mut examples = Vec::new();
+    for image in images {
+        let ids = tokenizer.encode_tensor(&[image.caption.as_str()]).map_err(|e| SessionError::Data(e.to_string()))?;
+        let ids = ids.to_device(device);
+        examples.push(encode_example(&models.vae, &image.pixels, ids.shallow_clone(), device));
+        if flip {
+            examples.push(encode_example(&models.vae, &data::flipped(&image.pixels), ids, device));
+        }
+    }
+    Ok(examples)
+}
+
+/// Class images for prior preservation, from `classImagesUri` (captioned with the class prompt).
+fn class_examples(
+    spec: &dreambooth_api::SessionSpec,
+    models: &Models,
+    tokenizer: &ClipTokenizer,
+    device: Device,
+) -> Result<Vec<Example>, SessionError> {
+    let Some(prior) = &spec.dataset.prior_preservation else {
+        return Ok(Vec::new());
+    };
+    let Some(uri) = &prior.class_images_uri else {
+        return Err(SessionError::Config(
+            "spec.dataset.priorPreservation.classImagesUri: generating class images is not supported yet; give a folder".into(),
+        ));
+    };
+    let folder = local_folder(uri, "spec.dataset.priorPreservation.classImagesUri")?;
+    let class_dataset = Dataset {
+        uri: uri.clone(),
+        token: Some("class".into()),
+        captions: dreambooth_api::spec::Captions::Filename,
+        skip_invalid: true,
+        ..spec.dataset.clone()
+    };
+    let prepared = data::prepare(&folder, &class_dataset).map_err(|e| SessionError::Data(e.to_string()))?;
+    let images: Vec<InstanceImage> = prepared
+        .images
+        .into_iter()
+        .take(prior.num_class_images as usize)
+        .map(|image| InstanceImage { caption: prior.class_prompt.clone(), ..image })
+        .collect();
+    encode_examples(models, tokenizer, &images, false, device)
+}
+
+fn loop_settings(
+    spec: &dreambooth_api::SessionSpec,
+    resolved: &ResolvedTraining,
+    base: &LoadedModel,
+    seed: u64,
+    device: Device,
+    with_classes: bool,
+) -> LoopSettings {
+    LoopSettings {
+        text_encoder_steps: resolved.text_encoder_steps,
+        text_encoder_lr: resolved.text_encoder_learning_rate,
+        unet_steps: resolved.unet_steps,
+        unet_lr: resolved.unet_learning_rate,
+        batch_size: spec.training.batch_size as usize,
+        lr_scheduler: spec.training.lr_scheduler,
+        lr_warmup_steps: spec.training.lr_warmup_steps,
+        noise: NoiseSettings {
+            prediction: base.prediction_type,
+            offset_noise: resolved.offset_noise,
+            min_snr_gamma: spec.training.min_snr_gamma,
+        },
+        prior_loss_weight: spec.dataset.prior_preservation.as_ref().filter(|_| with_classes).map(|p| p.loss_weight),
+        seed,
+        autocast: device.is_cuda() && spec.training.mixed_precision == MixedPrecision::Bf16,
+    }
+}
+
+fn is_checkpoint(spec: &dreambooth_api::SessionSpec, done: u32, total: u32) -> bool {
+    match spec.checkpoints.every {
+        Some(every) => done % every == 0 && done >= spec.checkpoints.start_from && done < total,
+        None => false,
+    }
+}
+
+/// Sample prompts with `{token}` filled; without any, the first instance caption.
+fn sample_prompts(spec: &dreambooth_api::SessionSpec, prepared: &PreparedDataset) -> Vec<String> {
+    let token = spec.dataset.token.clone().unwrap_or_else(|| prepared.images[0].caption.clone());
+    if spec.samples.prompts.is_empty() {
+        vec![prepared.images[0].caption.clone()]
+    } else {
+        spec.samples.prompts.iter().map(|p| p.replace("{token}", &token)).collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint(
+    trainer: &Trainer,
+    base: &LoadedModel,
+    tokenizer: &ClipTokenizer,
+    scheduler_config: &SchedulerConfig,
+    session: &Session,
+    prompts: &[String],
+    size: (i64, i64),
+    step: u32,
+    writer: &mut OutputWriter,
+    scratch: &Path,
+) -> Result<(), SessionError> {
+    let spec = &session.spec;
+    let model = snapshot(base, &trainer.stores);
+    let stem = format!("{}_step_{step}", session.name);
+    let names = write_model(&model, scratch, &stem, &[dreambooth_api::spec::ModelFormat::Safetensors], spec.checkpoints.precision)
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    for name in names {
+        writer.record_path(ArtifactKind::Checkpoint, step, &name, &scratch.join(&name)).map_err(infra)?;
+        let _ = std::fs::remove_file(scratch.join(&name));
+    }
+    let images = render_samples(&trainer.models, tokenizer, scheduler_config, &spec.samples, prompts, size)
+        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    write_samples(writer, step, &images).map_err(infra)?;
+    save_training_state(trainer, step, writer, scratch, spec.checkpoints.keep_last_states)
+}
+
+/// The file a state writes last, listing every artifact recorded so far: a state
+/// without it is incomplete, and a resumed run's manifest starts from it.
+const JOURNAL_FILE: &str = "artifacts.json";
+
+/// Saves `state/step_<N>/` (weights and optimizer, `state.json`, then the artifact
+/// journal) and deletes the states beyond the newest `keep`.
+fn save_training_state(trainer: &Trainer, step: u32, writer: &mut OutputWriter, scratch: &Path, keep: u32) -> Result<(), SessionError> {
+    let dir = scratch.join(format!("state_{step}"));
+    save_state(trainer, step, &dir).map_err(|e| SessionError::Internal(e.to_string()))?;
+    let prefix = state_prefix(step);
+    for file in [super::state::WEIGHTS_FILE, super::state::INFO_FILE] {
+        writer.record_path(ArtifactKind::State, step, &format!("{prefix}{file}"), &dir.join(file)).map_err(infra)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let journal = serde_json::to_vec_pretty(&writer.artifacts()).expect("artifacts serialise");
+    writer.record_bytes(ArtifactKind::State, step, &format!("{prefix}{JOURNAL_FILE}"), &journal).map_err(infra)?;
+    writer.prune_states(keep.max(1) as usize).map_err(infra)?;
+    Ok(())
+}
+
+/// Continues from the newest complete state in the output prefix, if there is one:
+/// loads it into `trainer` and adopts the artifacts its journal lists.
+fn resume(trainer: &mut Trainer, storage: Box<dyn Storage>, scratch: &Path) -> Result<(OutputWriter, u32), SessionError> {
+    let mut complete = Vec::new();
+    for step in state_steps(storage.as_ref()).map_err(infra)? {
+        if storage.stat(&format!("{}{JOURNAL_FILE}", state_prefix(step))).map_err(infra)?.is_some() {
+            complete.push(step);
+        }
+    }
+    let Some(&step) = complete.last() else {
+        return Ok((OutputWriter::new(storage), 0));
+    };
+    let prefix = state_prefix(step);
+    let dir = scratch.join("resume");
+    for file in [super::state::WEIGHTS_FILE, super::state::INFO_FILE] {
+        storage.get_to_file(&format!("{prefix}{file}"), &dir.join(file)).map_err(infra)?;
+    }
+    let info: StateInfo = load_state(trainer, &dir).map_err(|e| SessionError::Config(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let journal_key = format!("{prefix}{JOURNAL_FILE}");
+    let journal = storage.get_bytes(&journal_key).map_err(infra)?;
+    let previous: Vec<dreambooth_api::Artifact> =
+        serde_json::from_slice(&journal).map_err(|e| SessionError::Config(format!("{}: {e}", storage.uri(&journal_key))))?;
+    let mut writer = OutputWriter::resume(storage, &previous).map_err(infra)?;
+    writer.record_bytes(ArtifactKind::State, step, &journal_key, &journal).map_err(infra)?;
+    tracing::info!("resuming from step {} of {}", info.step, info.total_steps);
+    Ok((writer, info.step))
+}
+
+/// The spec as run: presets and `auto` expanded, the seed chosen.
+fn resolved_config(session: &Session, resolved: &ResolvedTraining, seed: u64) -> serde_json::Value {
+    let mut spec = session.spec.clone();
+    spec.training.seed = Some(seed);
+    spec.training.unet.steps = Some(dreambooth_api::spec::Steps::Count(resolved.unet_steps));
+    spec.training.unet.learning_rate = Some(resolved.unet_learning_rate);
+    spec.training.text_encoder.steps = Some(dreambooth_api::spec::Steps::Count(resolved.text_encoder_steps));
+    spec.training.text_encoder.learning_rate = Some(resolved.text_encoder_learning_rate);
+    spec.training.offset_noise = Some(resolved.offset_noise);
+    serde_json::json!({ "name": session.name, "spec": spec })
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
+}

@@ -1,0 +1,99 @@
+//! A training state for exact resume: the fp32 weights of both trainable networks, the
+//! current phase's optimizer moments and the step, in `state/step_<N>/`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::trainer::{Phase, Trainer, restore_weights};
+
+pub const WEIGHTS_FILE: &str = "state.safetensors";
+pub const INFO_FILE: &str = "state.json";
+
+/// `state.json`: what the tensors alone do not say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateInfo {
+    /// Optimizer steps done over both phases; the run continues at this step.
+    pub step: u32,
+    pub phase: Option<Phase>,
+    /// Steps the phase's optimizer has taken (its bias correction).
+    pub optimizer_steps: i64,
+    pub seed: u64,
+    pub total_steps: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Torch { path: String, source: tch::TchError },
+}
+
+/// Writes the state after `step` optimizer steps into `dir` (a local folder).
+pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo, StateError> {
+    std::fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.display().to_string(), source })?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (prefix, store) in [("text_encoder.", &trainer.stores.text_encoder), ("unet.", &trainer.stores.unet)] {
+        for (name, tensor) in store.variables() {
+            tensors.push((format!("{prefix}{name}"), tensor));
+        }
+    }
+    let (phase, optimizer_steps) = match trainer.optimizer() {
+        Some((phase, optimizer)) => {
+            tensors.extend(optimizer.state_tensors().into_iter().map(|(n, t)| (format!("optimizer.{n}"), t)));
+            (Some(phase), optimizer.steps_taken())
+        }
+        None => (None, 0),
+    };
+    let weights = dir.join(WEIGHTS_FILE);
+    Tensor::write_safetensors(&tensors, &weights)
+        .map_err(|source| StateError::Torch { path: weights.display().to_string(), source })?;
+    let info = StateInfo {
+        step,
+        phase,
+        optimizer_steps,
+        seed: trainer.settings.seed,
+        total_steps: trainer.settings.total_steps(),
+    };
+    let info_path = dir.join(INFO_FILE);
+    let json = serde_json::to_string_pretty(&info).expect("state info serialises");
+    std::fs::write(&info_path, json).map_err(|source| StateError::Io { path: info_path.display().to_string(), source })?;
+    Ok(info)
+}
+
+/// Reads a state written by [`save_state`] into `trainer`; returns the step to continue at.
+pub fn load_state(trainer: &mut Trainer, dir: &Path) -> Result<StateInfo, StateError> {
+    let info_path = dir.join(INFO_FILE);
+    let text = std::fs::read_to_string(&info_path)
+        .map_err(|source| StateError::Io { path: info_path.display().to_string(), source })?;
+    let invalid = |message: String| StateError::Invalid { path: info_path.display().to_string(), message };
+    let info: StateInfo = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    if info.seed != trainer.settings.seed || info.total_steps != trainer.settings.total_steps() {
+        return Err(invalid(format!(
+            "saved for seed {} and {} steps, but this run has seed {} and {} steps",
+            info.seed,
+            info.total_steps,
+            trainer.settings.seed,
+            trainer.settings.total_steps()
+        )));
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    let weights_error = |message: String| StateError::Invalid { path: weights.display().to_string(), message };
+    let tensors = Tensor::read_safetensors(&weights)
+        .map_err(|source| StateError::Torch { path: weights.display().to_string(), source })?;
+    restore_weights(&mut trainer.stores.text_encoder, &tensors, "text_encoder.").map_err(weights_error)?;
+    restore_weights(&mut trainer.stores.unet, &tensors, "unet.").map_err(weights_error)?;
+    if let Some(phase) = info.phase {
+        let optimizer: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix("optimizer.").map(|n| (n.to_owned(), t.shallow_clone())))
+            .collect();
+        trainer.restore_optimizer(phase, &optimizer, info.optimizer_steps).map_err(weights_error)?;
+    }
+    Ok(info)
+}

@@ -1,0 +1,358 @@
+//! The two-phase DreamBooth loop: phase 1 trains the text encoder (the UNet frozen but
+//! differentiated through), phase 2 trains the UNet on cached caption embeddings.
+//!
+//! Every random draw of step `g` comes from a generator seeded with `(seed, g)`, and the
+//! data order of each epoch from `(seed, phase, epoch)`, so a run resumed at any step
+//! continues exactly as the uninterrupted run would.
+
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+use dreambooth_api::spec::LrScheduler;
+
+use super::examples::Example;
+use super::lr_schedule::LrSchedule;
+use super::objective::{NoiseSettings, NoisedBatch, loss, noise_batch};
+use super::optimizer::{AdamW, AdamWConfig};
+use crate::cuda;
+use crate::pipeline::{ModelVarStores, Models};
+
+/// Which network a step trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Phase {
+    TextEncoder,
+    Unet,
+}
+
+/// Everything the loop needs to know about the run, with presets resolved.
+#[derive(Debug, Clone)]
+pub struct LoopSettings {
+    pub text_encoder_steps: u32,
+    pub text_encoder_lr: f64,
+    pub unet_steps: u32,
+    pub unet_lr: f64,
+    pub batch_size: usize,
+    pub lr_scheduler: LrScheduler,
+    pub lr_warmup_steps: u32,
+    pub noise: NoiseSettings,
+    /// Prior-preservation loss weight; `None` without class images.
+    pub prior_loss_weight: Option<f64>,
+    pub seed: u64,
+    /// bf16 autocast on CUDA.
+    pub autocast: bool,
+}
+
+impl LoopSettings {
+    pub fn total_steps(&self) -> u32 {
+        self.text_encoder_steps + self.unet_steps
+    }
+
+    /// The phase of global step `step` (0-based) and the step's index inside it.
+    pub fn phase_of(&self, step: u32) -> (Phase, u32) {
+        if step < self.text_encoder_steps {
+            (Phase::TextEncoder, step)
+        } else {
+            (Phase::Unet, step - self.text_encoder_steps)
+        }
+    }
+
+    fn schedule(&self, phase: Phase) -> LrSchedule {
+        let (base_lr, total_steps) = match phase {
+            Phase::TextEncoder => (self.text_encoder_lr, self.text_encoder_steps),
+            Phase::Unet => (self.unet_lr, self.unet_steps),
+        };
+        LrSchedule { kind: self.lr_scheduler, base_lr, warmup_steps: self.lr_warmup_steps, total_steps }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    pub phase: Phase,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+}
+
+pub struct Trainer {
+    pub models: Models,
+    pub stores: ModelVarStores,
+    pub settings: LoopSettings,
+    instances: Vec<Example>,
+    /// Class images for prior preservation (their embedding is the class prompt's).
+    classes: Vec<Example>,
+    alphas_cumprod: Tensor,
+    scaling_factor: f64,
+    optimizer: Option<(Phase, AdamW)>,
+    device: Device,
+}
+
+impl Trainer {
+    pub fn new(
+        models: Models,
+        stores: ModelVarStores,
+        settings: LoopSettings,
+        instances: Vec<Example>,
+        classes: Vec<Example>,
+        alphas_cumprod: &[f32],
+    ) -> Self {
+        let device = stores.unet.device();
+        let scaling_factor = models.vae.scaling_factor;
+        Self {
+            models,
+            stores,
+            settings,
+            instances,
+            classes,
+            alphas_cumprod: Tensor::from_slice(alphas_cumprod).to_device(device),
+            scaling_factor,
+            optimizer: None,
+            device,
+        }
+    }
+
+    /// Runs global step `step` (0-based): the phase's network is updated once.
+    pub fn step(&mut self, step: u32) -> StepReport {
+        let (phase, phase_step) = self.settings.phase_of(step);
+        self.enter_phase(phase);
+        let instance_ids = batch_indices(self.settings.seed, phase, phase_step, self.settings.batch_size, self.instances.len());
+        let class_ids = if self.classes.is_empty() {
+            Vec::new()
+        } else {
+            batch_indices(self.settings.seed ^ CLASS_STREAM, phase, phase_step, self.settings.batch_size, self.classes.len())
+        };
+        tch::manual_seed(step_seed(self.settings.seed, step));
+        let picked: Vec<&Example> = instance_ids
+            .iter()
+            .map(|&i| &self.instances[i])
+            .chain(class_ids.iter().map(|&i| &self.classes[i]))
+            .collect();
+        let loss_value = self.forward_backward(phase, &picked);
+        let learning_rate = self.settings.schedule(phase).lr_at(phase_step);
+        let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
+        let grad_norm = optimizer.clip_grad_norm(1.0);
+        optimizer.step(learning_rate);
+        optimizer.zero_grad();
+        StepReport { phase, loss: loss_value, learning_rate, grad_norm }
+    }
+
+    /// Loss of one batch and its gradients. Latents of different sizes (aspect buckets)
+    /// go through the UNet in groups, each group's loss weighted by its share.
+    fn forward_backward(&self, phase: Phase, picked: &[&Example]) -> f64 {
+        let with_prior = self.settings.prior_loss_weight.filter(|_| !self.classes.is_empty());
+        let mut groups: Vec<(Vec<i64>, Vec<&Example>)> = Vec::new();
+        for example in picked {
+            let size = example.mean.size();
+            match groups.iter_mut().find(|(s, _)| *s == size) {
+                Some((_, members)) => members.push(example),
+                None => groups.push((size, vec![example])),
+            }
+        }
+        // Prior preservation needs instance and class halves side by side; with one
+        // size (no buckets) that is a single group in [instances…, classes…] order.
+        let total = picked.len() as f64;
+        let mut loss_sum = 0.0;
+        for (_, members) in groups {
+            let share = members.len() as f64 / total;
+            let latents = Tensor::cat(
+                &members.iter().map(|e| &e.mean + &e.std * Tensor::randn_like(&e.std)).collect::<Vec<_>>(),
+                0,
+            ) * self.scaling_factor;
+            let context = self.context(phase, &members);
+            let batch: NoisedBatch = noise_batch(&latents, &self.alphas_cumprod, &self.settings.noise);
+            let prediction = cuda::autocast(self.settings.autocast, || {
+                self.models.unet.forward(&batch.noisy_latents, &batch.timesteps, &context)
+            });
+            let prior = with_prior.filter(|_| members.len() % 2 == 0);
+            let group_loss = loss(&prediction, &batch, prior) * share;
+            group_loss.backward();
+            loss_sum += group_loss.double_value(&[]);
+        }
+        loss_sum
+    }
+
+    /// The UNet's conditioning: the text encoder's output, differentiable in phase 1,
+    /// the cached embedding in phase 2.
+    fn context(&self, phase: Phase, members: &[&Example]) -> Tensor {
+        match phase {
+            Phase::TextEncoder => {
+                let ids = Tensor::cat(&members.iter().map(|e| &e.input_ids).collect::<Vec<_>>(), 0);
+                cuda::autocast(self.settings.autocast, || self.models.text_encoder.forward(&ids).last_hidden_state)
+            }
+            Phase::Unet => Tensor::cat(
+                &members.iter().map(|e| e.embedding.as_ref().expect("embeddings cached for phase 2")).collect::<Vec<_>>(),
+                0,
+            ),
+        }
+    }
+
+    /// Sets what is trainable and builds the phase's optimizer on first use.
+    fn enter_phase(&mut self, phase: Phase) {
+        if self.optimizer.as_ref().is_some_and(|(p, _)| *p == phase) {
+            return;
+        }
+        self.stores.vae.freeze();
+        match phase {
+            Phase::TextEncoder => {
+                self.stores.unet.freeze();
+                self.stores.text_encoder.unfreeze();
+            }
+            Phase::Unet => {
+                self.stores.text_encoder.freeze();
+                self.stores.unet.unfreeze();
+                self.cache_embeddings();
+            }
+        }
+        let store = self.store(phase);
+        let params = trainable(store);
+        self.optimizer = Some((phase, AdamW::new(params, AdamWConfig::default())));
+    }
+
+    /// The frozen text encoder's output for every caption, computed once for phase 2.
+    fn cache_embeddings(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for example in self.instances.iter_mut().chain(self.classes.iter_mut()) {
+            let embedding = self.models.text_encoder.forward(&example.input_ids).last_hidden_state;
+            example.embedding = Some(embedding);
+        }
+    }
+
+    pub fn store(&self, phase: Phase) -> &VarStore {
+        match phase {
+            Phase::TextEncoder => &self.stores.text_encoder,
+            Phase::Unet => &self.stores.unet,
+        }
+    }
+
+    /// The current phase's optimizer, for saving a training state.
+    pub fn optimizer(&self) -> Option<(Phase, &AdamW)> {
+        self.optimizer.as_ref().map(|(p, o)| (*p, o))
+    }
+
+    /// Restores the optimizer of `phase` for a resumed run.
+    pub fn restore_optimizer(&mut self, phase: Phase, state: &[(String, Tensor)], steps: i64) -> Result<(), String> {
+        self.enter_phase(phase);
+        let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
+        optimizer.load_state(state, steps)
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+}
+
+/// Keeps class-image order independent of the instance order.
+const CLASS_STREAM: u64 = 0x5eed_c1a5;
+
+/// The trainable tensors of a VarStore by name, in a stable (sorted) order.
+fn trainable(store: &VarStore) -> Vec<(String, Tensor)> {
+    let mut params: Vec<(String, Tensor)> = store.variables().into_iter().collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+/// A seed for step `step`'s random draws, spread by SplitMix64 so nearby steps differ.
+pub fn step_seed(seed: u64, step: u32) -> i64 {
+    (splitmix64(seed ^ (u64::from(step) << 32 | 0x9e37)) >> 1) as i64
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The examples of phase step `phase_step`: consecutive slices of per-epoch shuffles,
+/// each shuffle a function of `(seed, phase, epoch)` only.
+pub fn batch_indices(seed: u64, phase: Phase, phase_step: u32, batch: usize, count: usize) -> Vec<usize> {
+    let phase_salt = match phase {
+        Phase::TextEncoder => 1,
+        Phase::Unet => 2,
+    };
+    let start = phase_step as usize * batch;
+    (start..start + batch)
+        .map(|position| {
+            let epoch = (position / count) as u64;
+            let order = shuffle(count, splitmix64(seed ^ (phase_salt << 56) ^ epoch.wrapping_mul(0x100_0000_01b3)));
+            order[position % count]
+        })
+        .collect()
+}
+
+/// Fisher-Yates with SplitMix64: the same order on every machine.
+fn shuffle(count: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    let mut state = seed;
+    for i in (1..count).rev() {
+        state = splitmix64(state);
+        let j = (state % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Copies `tensors` into the matching variables of `store` (for resume).
+pub fn restore_weights(store: &mut VarStore, tensors: &[(String, Tensor)], prefix: &str) -> Result<(), String> {
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in store.variables() {
+        let key = format!("{prefix}{name}");
+        let saved = tensors.iter().find(|(n, _)| *n == key).map(|(_, t)| t).ok_or_else(|| format!("state lacks `{key}`"))?;
+        if saved.size() != var.size() {
+            return Err(format!("`{key}` has shape {:?}, the model {:?}", saved.size(), var.size()));
+        }
+        var.copy_(&saved.to_kind(Kind::Float).to_device(var.device()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_epoch_visits_every_example_once() {
+        let mut seen: Vec<usize> = (0..5).flat_map(|s| batch_indices(7, Phase::Unet, s, 2, 10)).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn data_order_depends_only_on_seed_phase_and_step() {
+        assert_eq!(batch_indices(7, Phase::Unet, 13, 3, 10), batch_indices(7, Phase::Unet, 13, 3, 10));
+        let epochs: Vec<Vec<usize>> = (0..4).map(|e| batch_indices(7, Phase::Unet, e * 10, 10, 10)).collect();
+        assert!(epochs.windows(2).any(|w| w[0] != w[1]), "epochs reshuffle");
+        assert_ne!(batch_indices(7, Phase::Unet, 0, 10, 10), batch_indices(8, Phase::Unet, 0, 10, 10));
+    }
+
+    #[test]
+    fn step_seeds_differ_between_steps_and_seeds() {
+        assert_ne!(step_seed(1, 0), step_seed(1, 1));
+        assert_ne!(step_seed(1, 5), step_seed(2, 5));
+        assert!(step_seed(u64::MAX, u32::MAX) >= 0);
+    }
+
+    #[test]
+    fn phases_split_the_global_steps() {
+        let settings = LoopSettings {
+            text_encoder_steps: 3,
+            text_encoder_lr: 1e-6,
+            unet_steps: 5,
+            unet_lr: 2e-6,
+            batch_size: 1,
+            lr_scheduler: LrScheduler::Constant,
+            lr_warmup_steps: 0,
+            noise: NoiseSettings {
+                prediction: crate::schedulers::PredictionType::Epsilon,
+                offset_noise: 0.0,
+                min_snr_gamma: None,
+            },
+            prior_loss_weight: None,
+            seed: 0,
+            autocast: false,
+        };
+        assert_eq!(settings.phase_of(2), (Phase::TextEncoder, 2));
+        assert_eq!(settings.phase_of(3), (Phase::Unet, 0));
+        assert_eq!(settings.total_steps(), 8);
+    }
+}

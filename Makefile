@@ -27,10 +27,19 @@ test: lint
 crds:
 	$(CARGO) run -q -p dreambooth-operator --bin crdgen > crds/dreamboothsession.yaml
 
+# A whole session on the CPU: a tiny random model, generated photos of a toy, then
+# examples/quickstart.yaml with checkpoints and samples. Outputs land in demo/output.
+TRAINER := target/release/dreambooth-trainer
 demo: bootstrap
-	@echo "make demo: not yet - the local end-to-end session arrives with the trainer's training loop."
-	@echo "Meanwhile: cargo run -p dreambooth-trainer -- validate examples/quickstart.yaml"
-	$(CARGO) run -q -p dreambooth-trainer -- validate examples/quickstart.yaml
+	$(CARGO) build --release -p dreambooth-trainer --bins
+	rm -rf demo
+	$(TRAINER) tiny-model --out demo/tiny-model --seed 1
+	$(TRAINER) demo-photos --out demo/photos --count 12 --size 96
+	$(TRAINER) train examples/quickstart.yaml --device cpu
+	@echo
+	@echo "Model:   demo/output/quickstart.safetensors (loads in AUTOMATIC1111/ComfyUI like any SD 1.x file)"
+	@echo "Samples: demo/output/samples/step_*/grid.png"
+	@echo "Index:   demo/output/manifest.json"
 
 clean:
 	$(CARGO) clean

@@ -21,7 +21,9 @@ fn main() {
     };
     // Canonical, so the rpath does not depend on the .venv-torch link being relative.
     let torch_dir = torch_dir.canonicalize().unwrap_or(torch_dir);
-    let lib_dir = env::var("LIBTORCH_LIB").map(|l| PathBuf::from(l).join("lib")).unwrap_or_else(|_| torch_dir.join("lib"));
+    let lib_dir = env::var("LIBTORCH_LIB")
+        .map(|l| PathBuf::from(l).join("lib"))
+        .unwrap_or_else(|_| torch_dir.join("lib"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if !lib_dir.join("libtorch_cuda.so").exists() {
         return;
@@ -32,7 +34,9 @@ fn main() {
         compile_shim(&torch_dir, &cuda_include);
         println!("cargo:rustc-cfg=dbt_cuda_shim");
     } else {
-        println!("cargo:warning=CUDA headers not found beside libtorch; building without the CUDA shim");
+        println!(
+            "cargo:warning=CUDA headers not found beside libtorch; building without the CUDA shim"
+        );
     }
 }
 
@@ -40,7 +44,10 @@ fn main() {
 /// sibling of the `torch` folder.
 fn cuda_headers(torch_dir: &Path) -> Option<PathBuf> {
     let include = torch_dir.parent()?.join("nvidia/cu13/include");
-    include.join("cuda_runtime_api.h").exists().then_some(include)
+    include
+        .join("cuda_runtime_api.h")
+        .exists()
+        .then_some(include)
 }
 
 fn compile_shim(torch_dir: &Path, cuda_include: &Path) {

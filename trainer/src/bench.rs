@@ -61,7 +61,11 @@ fn tiny_unet() -> UNetConfig {
 
 /// Times the UNet phase: noise, forward, loss, backward, grad clip 1.0, AdamW.
 pub fn bench_unet_phase(config: &BenchConfig) -> BenchReport {
-    let unet_config = if config.tiny { tiny_unet() } else { config.version.unet() };
+    let unet_config = if config.tiny {
+        tiny_unet()
+    } else {
+        config.version.unet()
+    };
     let context_dim = match &unet_config.cross_attention_dim {
         crate::models::config::PerBlock::One(d) => *d,
         crate::models::config::PerBlock::Each(d) => d[0],
@@ -75,17 +79,29 @@ pub fn bench_unet_phase(config: &BenchConfig) -> BenchReport {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(config.device);
     let model = unet(vs.root(), &unet_config);
-    let mut optimizer = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: 1e-2, eps: 1e-8, amsgrad: false }
-        .build(&vs, 2e-6)
-        .expect("AdamW builds");
+    let mut optimizer = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        wd: 1e-2,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&vs, 2e-6)
+    .expect("AdamW builds");
     let options = (Kind::Float, config.device);
     let latents = Tensor::randn([config.batch, 4, latent_side, latent_side], options);
     let context = Tensor::randn([config.batch, SEQUENCE_LENGTH, context_dim], options);
     let alphas_cumprod = scaled_linear_alphas_cumprod(config.device);
-    let settings = NoiseSettings { prediction: PredictionType::Epsilon, offset_noise: 0.0, min_snr_gamma: None };
+    let settings = NoiseSettings {
+        prediction: PredictionType::Epsilon,
+        offset_noise: 0.0,
+        min_snr_gamma: None,
+    };
     let step = |optimizer: &mut nn::Optimizer| -> Tensor {
         let batch = noise_batch(&latents, &alphas_cumprod, &settings);
-        let prediction = cuda::autocast(use_autocast, || model.forward(&batch.noisy_latents, &batch.timesteps, &context));
+        let prediction = cuda::autocast(use_autocast, || {
+            model.forward(&batch.noisy_latents, &batch.timesteps, &context)
+        });
         let loss = loss(&prediction, &batch, None);
         optimizer.backward_step_clip_norm(&loss, 1.0);
         loss
@@ -106,12 +122,19 @@ pub fn bench_unet_phase(config: &BenchConfig) -> BenchReport {
     let seconds = start.elapsed().as_secs_f64();
     let ms_per_step = seconds * 1000.0 / config.steps as f64;
     let peak_gib = match config.device {
-        Device::Cuda(index) => cuda::memory_stats(index).ok().flatten().map(|m| m.peak as f64 / f64::from(1 << 30)),
+        Device::Cuda(index) => cuda::memory_stats(index)
+            .ok()
+            .flatten()
+            .map(|m| m.peak as f64 / f64::from(1 << 30)),
         _ => None,
     };
     let floor = (!config.tiny && config.device.is_cuda()).then(|| floor_ms(config) / ms_per_step);
     BenchReport {
-        arch: if config.tiny { "tiny".into() } else { format!("{:?}", config.version).to_lowercase() },
+        arch: if config.tiny {
+            "tiny".into()
+        } else {
+            format!("{:?}", config.version).to_lowercase()
+        },
         device: format!("{:?}", config.device),
         resolution: config.resolution,
         batch: config.batch,
@@ -140,7 +163,13 @@ fn synchronize(device: Device) {
 
 /// SD's training schedule (scaled-linear betas 0.00085..0.012 over 1000 steps).
 fn scaled_linear_alphas_cumprod(device: Device) -> Tensor {
-    let betas = Tensor::linspace(0.00085f64.sqrt(), 0.012f64.sqrt(), 1000, (Kind::Float, device)).square();
+    let betas = Tensor::linspace(
+        0.00085f64.sqrt(),
+        0.012f64.sqrt(),
+        1000,
+        (Kind::Float, device),
+    )
+    .square();
     (1f64 - betas).cumprod(0, Kind::Float)
 }
 
@@ -160,7 +189,10 @@ mod tests {
             device: Device::Cpu,
             bf16: false,
         });
-        assert!(report.steps_per_second > 0.0 && report.final_loss.is_finite(), "{report:?}");
+        assert!(
+            report.steps_per_second > 0.0 && report.final_loss.is_finite(),
+            "{report:?}"
+        );
         assert_eq!(report.images_per_second, report.steps_per_second * 2.0);
         assert_eq!(report.peak_gib, None);
     }

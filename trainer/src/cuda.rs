@@ -9,7 +9,11 @@ pub struct ShimUnavailable(&'static str);
 
 impl fmt::Display for ShimUnavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} needs the CUDA shim, which this build does not have", self.0)
+        write!(
+            f,
+            "{} needs the CUDA shim, which this build does not have",
+            self.0
+        )
     }
 }
 

@@ -2,15 +2,15 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use dreambooth_api::{ExitKind, Outcome, Progress, Session, Stage, validate};
-use dreambooth_trainer::train::preemption::StopSignal;
-use dreambooth_trainer::train::session::{SessionError, SessionOptions, run_session};
 use dreambooth_api::spec::Precision;
-use dreambooth_trainer::checkpoint::{self, LoadOptions};
-use dreambooth_trainer::tiny_model::{self, TinyVariant};
+use dreambooth_api::{ExitKind, Outcome, Progress, Session, Stage, validate};
 use dreambooth_trainer::bench;
+use dreambooth_trainer::checkpoint::{self, LoadOptions};
 use dreambooth_trainer::models::versions::KnownVersion;
 use dreambooth_trainer::runtime::RuntimeInfo;
+use dreambooth_trainer::tiny_model::{self, TinyVariant};
+use dreambooth_trainer::train::preemption::StopSignal;
+use dreambooth_trainer::train::session::{SessionError, SessionOptions, run_session};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -134,28 +134,50 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { file } => Ok(validate_file(&file)),
-        Command::Train { file, output, device, termination_log } => {
-            Ok(train(&file, output, device.as_deref(), &termination_log))
-        }
+        Command::Train {
+            file,
+            output,
+            device,
+            termination_log,
+        } => Ok(train(&file, output, device.as_deref(), &termination_log)),
         Command::TinyModel { out, variant, seed } => {
-            let variant = if variant == "sd2" { TinyVariant::Sd2 } else { TinyVariant::Sd1 };
+            let variant = if variant == "sd2" {
+                TinyVariant::Sd2
+            } else {
+                TinyVariant::Sd1
+            };
             tiny_model::write_tiny_model(&out, variant, seed)?;
             println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::DemoPhotos { out, count, seed, size } => {
-            let files = dreambooth_trainer::demo_photos::write_demo_photos(&out, count, seed, size)?;
+        Command::DemoPhotos {
+            out,
+            count,
+            seed,
+            size,
+        } => {
+            let files =
+                dreambooth_trainer::demo_photos::write_demo_photos(&out, count, seed, size)?;
             println!("{} photos in {}", files.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Convert { input, output, precision } => {
+        Command::Convert {
+            input,
+            output,
+            precision,
+        } => {
             let precision = match precision.as_str() {
                 "fp32" => Precision::Fp32,
                 "bf16" => Precision::Bf16,
                 _ => Precision::Fp16,
             };
             let model = checkpoint::convert(&input, &output, precision, &LoadOptions::default())?;
-            eprintln!("{:?} {:?} model from {}", model.version, model.kind, input.display());
+            eprintln!(
+                "{:?} {:?} model from {}",
+                model.version,
+                model.kind,
+                input.display()
+            );
             println!("{}", output.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -171,7 +193,9 @@ fn main() -> Result<ExitCode> {
                 report.images_per_second,
                 report.ms_per_step,
                 report.peak_gib.map_or("-".into(), |g| format!("{g:.2}")),
-                report.fraction_of_floor.map_or("-".into(), |f| format!("{f:.3}")),
+                report
+                    .fraction_of_floor
+                    .map_or("-".into(), |f| format!("{f:.3}")),
             );
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
@@ -216,7 +240,12 @@ fn parse_device(device: Option<&str>) -> Result<tch::Device> {
 }
 
 /// Runs a session and reports how it ended: exit code, termination message, last line.
-fn train(file: &Path, output: Option<String>, device: Option<&str>, termination_log: &Path) -> ExitCode {
+fn train(
+    file: &Path,
+    output: Option<String>,
+    device: Option<&str>,
+    termination_log: &Path,
+) -> ExitCode {
     let started = (|| -> Result<(Session, tch::Device, StopSignal), (ExitKind, String)> {
         let mut session = Session::load(file).map_err(|e| (ExitKind::BadConfig, e.to_string()))?;
         if let Some(output) = output {
@@ -229,19 +258,31 @@ fn train(file: &Path, output: Option<String>, device: Option<&str>, termination_
     let result = match started {
         Ok((session, device, stop)) => {
             let mut bar = ProgressLine::new();
-            run_session(&session, &SessionOptions { device, stop }, &mut |p| bar.show(p))
-                .map_err(|e| (e.exit_kind(), e.to_string(), preempted_step(&e)))
+            run_session(&session, &SessionOptions { device, stop }, &mut |p| {
+                bar.show(p)
+            })
+            .map_err(|e| (e.exit_kind(), e.to_string(), preempted_step(&e)))
         }
         Err((kind, message)) => Err((kind, message, None)),
     };
     let outcome = match &result {
         Ok(done) => {
             eprintln!("model: {}\nmanifest: {}", done.model_uri, done.manifest_uri);
-            Outcome { outcome: ExitKind::Succeeded, step: done.step, manifest_uri: Some(done.manifest_uri.clone()), message: None }
+            Outcome {
+                outcome: ExitKind::Succeeded,
+                step: done.step,
+                manifest_uri: Some(done.manifest_uri.clone()),
+                message: None,
+            }
         }
         Err((kind, message, step)) => {
             eprintln!("error: {message}");
-            Outcome { outcome: *kind, step: step.unwrap_or(0), manifest_uri: None, message: Some(message.clone()) }
+            Outcome {
+                outcome: *kind,
+                step: step.unwrap_or(0),
+                manifest_uri: None,
+                message: Some(message.clone()),
+            }
         }
     };
     // Outside Kubernetes the default path is usually not writable; that is fine.
@@ -264,7 +305,10 @@ struct ProgressLine {
 
 impl ProgressLine {
     fn new() -> Self {
-        Self { terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()), last_logged: None }
+        Self {
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last_logged: None,
+        }
     }
 
     fn show(&mut self, p: &Progress) {
@@ -275,7 +319,8 @@ impl ProgressLine {
             p.total_steps,
             p.loss.map_or("-".into(), |l| format!("{l:.4}")),
             p.steps_per_second.map_or("-".into(), |s| format!("{s:.2}")),
-            p.eta_seconds.map_or("-".into(), |s| format!("{}s", s.round())),
+            p.eta_seconds
+                .map_or("-".into(), |s| format!("{}s", s.round())),
         );
         if self.terminal {
             eprint!("\r\x1b[2K{line}");
@@ -286,7 +331,9 @@ impl ProgressLine {
         }
         // About a hundred lines over a run, and every change of stage.
         let every = (p.total_steps / 100).max(1);
-        if p.step % every == 0 && (self.last_logged != Some((p.stage, p.step)) || p.stage == Stage::Done) {
+        if p.step.is_multiple_of(every)
+            && (self.last_logged != Some((p.stage, p.step)) || p.stage == Stage::Done)
+        {
             self.last_logged = Some((p.stage, p.step));
             tracing::info!(stage = ?p.stage, step = p.step, total = p.total_steps, loss = p.loss, "{line}");
         }

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use tch::{Device, nn};
 
 use crate::checkpoint::{
-    CheckpointError, Component, LoadedModel, SdVersion, SourceKind, save_diffusers_folder, var_store_tensors,
+    CheckpointError, Component, LoadedModel, SdVersion, SourceKind, save_diffusers_folder,
+    var_store_tensors,
 };
 use crate::models::clip::{ClipTextConfig, clip_text_model};
 use crate::models::config::{UNetConfig, VaeConfig};
@@ -89,7 +90,11 @@ fn text_config(variant: TinyVariant) -> ClipTextConfig {
 }
 
 fn tokenizer_config(variant: TinyVariant) -> Value {
-    let pad = if variant == TinyVariant::Sd2 { "!" } else { "<|endoftext|>" };
+    let pad = if variant == TinyVariant::Sd2 {
+        "!"
+    } else {
+        "<|endoftext|>"
+    };
     json!({
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
@@ -102,7 +107,11 @@ fn tokenizer_config(variant: TinyVariant) -> Value {
 }
 
 /// Builds the three networks with random weights from `seed` and writes the folder.
-pub fn write_tiny_model(out: &Path, variant: TinyVariant, seed: i64) -> Result<(), CheckpointError> {
+pub fn write_tiny_model(
+    out: &Path,
+    variant: TinyVariant,
+    seed: i64,
+) -> Result<(), CheckpointError> {
     tch::manual_seed(seed);
     let text = text_config(variant);
     let unet_json = unet_config(variant, text.hidden_size);
@@ -110,9 +119,15 @@ pub fn write_tiny_model(out: &Path, variant: TinyVariant, seed: i64) -> Result<(
     let invalid = |e: &dyn std::fmt::Display| CheckpointError::invalid(out, e.to_string());
 
     let unet_vs = nn::VarStore::new(Device::Cpu);
-    unet(unet_vs.root(), &UNetConfig::from_json(&unet_json.to_string()).map_err(|e| invalid(&e))?);
+    unet(
+        unet_vs.root(),
+        &UNetConfig::from_json(&unet_json.to_string()).map_err(|e| invalid(&e))?,
+    );
     let vae_vs = nn::VarStore::new(Device::Cpu);
-    autoencoder_kl(vae_vs.root(), &VaeConfig::from_json(&vae_json.to_string()).map_err(|e| invalid(&e))?);
+    autoencoder_kl(
+        vae_vs.root(),
+        &VaeConfig::from_json(&vae_json.to_string()).map_err(|e| invalid(&e))?,
+    );
     let text_vs = nn::VarStore::new(Device::Cpu);
     clip_text_model(text_vs.root(), &text);
 

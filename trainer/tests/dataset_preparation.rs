@@ -164,9 +164,12 @@ fn cmyk_grayscale_and_alpha_become_rgb() {
     );
 }
 
+/// Whether a decoding problem is the expected one.
+type ProblemCheck = fn(&ImageProblem) -> bool;
+
 #[test]
 fn bad_files_fail_naming_the_file() {
-    let cases: [(&str, &[u8], fn(&ImageProblem) -> bool); 5] = [
+    let cases: [(&str, &[u8], ProblemCheck); 5] = [
         ("sksper (9).jpg", b"", |p| *p == ImageProblem::Empty),
         ("notes.jpg", b"this is text, not a photo", |p| {
             *p == ImageProblem::Unrecognised

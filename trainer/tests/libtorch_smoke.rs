@@ -8,7 +8,10 @@ fn libtorch_multiplies_matrices_on_the_cpu() {
     eprintln!("libtorch runtime: {info:?}");
     assert!(info.cpu_matmul_ok);
     if let Some(cuda_ok) = info.cuda_matmul_ok {
-        assert!(cuda_ok, "CUDA is available but a matmul on it gave a wrong result");
+        assert!(
+            cuda_ok,
+            "CUDA is available but a matmul on it gave a wrong result"
+        );
     }
 }
 
@@ -22,9 +25,15 @@ fn cuda_is_linked_when_libtorch_has_it() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new("ldd").arg(&exe).output().expect("ldd runs");
+    let out = std::process::Command::new("ldd")
+        .arg(&exe)
+        .output()
+        .expect("ldd runs");
     let ldd = String::from_utf8_lossy(&out.stdout);
-    assert!(ldd.contains("libtorch_cuda.so"), "torch_cuda is not linked:\n{ldd}");
+    assert!(
+        ldd.contains("libtorch_cuda.so"),
+        "torch_cuda is not linked:\n{ldd}"
+    );
 }
 
 #[test]
@@ -43,12 +52,19 @@ fn the_cuda_shim_sets_autocast_dtype_and_tf32() {
     cuda::set_tf32(false).unwrap();
     assert!(!cuda::tf32_enabled().unwrap());
     let devices = tch::Cuda::device_count() as usize;
-    assert_eq!(cuda::memory_stats(devices).unwrap(), None, "no device past the last one");
+    assert_eq!(
+        cuda::memory_stats(devices).unwrap(),
+        None,
+        "no device past the last one"
+    );
     if devices > 0 {
         let before = cuda::memory_stats(0).unwrap().unwrap();
         let _block = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
         let after = cuda::memory_stats(0).unwrap().unwrap();
-        assert!(after.allocated >= before.allocated + (4 << 20), "{before:?} -> {after:?}");
+        assert!(
+            after.allocated >= before.allocated + (4 << 20),
+            "{before:?} -> {after:?}"
+        );
     }
 }
 
@@ -65,8 +81,16 @@ fn autocast_regions_nest_and_restore() {
         cuda::set_autocast_bf16(true).unwrap();
         let in_region = cuda::autocast(true, || a.matmul(&a));
         assert_eq!(in_region.kind(), tch::Kind::BFloat16);
-        assert_eq!(outer.1.kind(), tch::Kind::Float, "a disabled inner region computes in fp32");
+        assert_eq!(
+            outer.1.kind(),
+            tch::Kind::Float,
+            "a disabled inner region computes in fp32"
+        );
     }
-    assert_eq!(after.kind(), tch::Kind::Float, "autocast is off again after the region");
+    assert_eq!(
+        after.kind(),
+        tch::Kind::Float,
+        "autocast is off again after the region"
+    );
     assert_eq!(outer.0.size(), [4, 4]);
 }

@@ -14,7 +14,11 @@ fn the_same_seed_draws_the_same_noise_batch() {
     let _turn = GENERATOR.lock().unwrap();
     let latents = Tensor::ones([2, 4, 4, 4], (Kind::Float, Device::Cpu));
     let alphas_cumprod = Tensor::linspace(0.999, 0.01, 1000, (Kind::Float, Device::Cpu));
-    let settings = NoiseSettings { prediction: PredictionType::Epsilon, offset_noise: 0.1, min_snr_gamma: Some(5.0) };
+    let settings = NoiseSettings {
+        prediction: PredictionType::Epsilon,
+        offset_noise: 0.1,
+        min_snr_gamma: Some(5.0),
+    };
     tch::manual_seed(7);
     let first = noise_batch(&latents, &alphas_cumprod, &settings);
     tch::manual_seed(7);

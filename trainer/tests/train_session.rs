@@ -19,8 +19,22 @@ impl Workspace {
     /// A tiny model and six demo photos.
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        run_ok(&["tiny-model", "--out", &p(&dir.path().join("model")), "--seed", "1"]);
-        run_ok(&["demo-photos", "--out", &p(&dir.path().join("photos")), "--count", "6", "--size", "48"]);
+        run_ok(&[
+            "tiny-model",
+            "--out",
+            &p(&dir.path().join("model")),
+            "--seed",
+            "1",
+        ]);
+        run_ok(&[
+            "demo-photos",
+            "--out",
+            &p(&dir.path().join("photos")),
+            "--count",
+            "6",
+            "--size",
+            "48",
+        ]);
         Self { dir }
     }
 
@@ -49,7 +63,10 @@ fn p(path: &Path) -> String {
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(TRAINER).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn run_ok(args: &[&str]) -> String {
@@ -82,12 +99,21 @@ const TRAINING: &str = "training:\n  unet:\n    steps: 8\n    learningRate: 2.0e
 fn a_session_writes_every_artifact_in_its_manifest() {
     let ws = Workspace::new();
     // Class images for prior preservation: more demo photos stand in for "a toy".
-    run_ok(&["demo-photos", "--out", &p(&ws.path("class")), "--count", "4", "--size", "40", "--seed", "9"]);
-    let extra = format!(
-        "training:\n  unet:\n    steps: 10\n    learningRate: 5.0e-4\n  textEncoder:\n    steps: 4\n    learningRate: 1.0e-4\n  \
+    run_ok(&[
+        "demo-photos",
+        "--out",
+        &p(&ws.path("class")),
+        "--count",
+        "4",
+        "--size",
+        "40",
+        "--seed",
+        "9",
+    ]);
+    let extra = "training:\n  unet:\n    steps: 10\n    learningRate: 5.0e-4\n  textEncoder:\n    steps: 4\n    learningRate: 1.0e-4\n  \
          offsetNoise: 0.1\n  seed: 3\ncheckpoints:\n  every: 7\nsamples:\n  prompts: [photo of zwxtoy, zwxtoy in snow]\n  \
-         steps: 3\n  sampler: euler-a\n",
-    );
+         steps: 3\n  sampler: euler-a\n"
+    .to_owned();
     let session = ws.session("toy", "out", &extra);
     let text = std::fs::read_to_string(&session).unwrap().replace(
         "  resolution: 64\n",
@@ -101,14 +127,26 @@ fn a_session_writes_every_artifact_in_its_manifest() {
 
     let out = ws.path("out");
     let manifest = manifest(&out);
-    assert_eq!((manifest.step, manifest.total_steps, manifest.seed), (14, 14, 3));
+    assert_eq!(
+        (manifest.step, manifest.total_steps, manifest.seed),
+        (14, 14, 3)
+    );
     for artifact in &manifest.artifacts {
         let path = PathBuf::from(artifact.uri.strip_prefix("file://").unwrap());
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(bytes.len() as u64, artifact.bytes, "{}", artifact.uri);
-        assert_eq!(hex::encode(Sha256::digest(&bytes)), artifact.sha256, "{}", artifact.uri);
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            artifact.sha256,
+            "{}",
+            artifact.uri
+        );
     }
-    let keys: Vec<&str> = manifest.artifacts.iter().map(|a| a.uri.rsplit("/out/").next().unwrap()).collect();
+    let keys: Vec<&str> = manifest
+        .artifacts
+        .iter()
+        .map(|a| a.uri.rsplit("/out/").next().unwrap())
+        .collect();
     for expected in [
         "toy.safetensors",
         "toy_step_7.safetensors",
@@ -123,8 +161,20 @@ fn a_session_writes_every_artifact_in_its_manifest() {
 
     // The exported file loads back through our loader and converts to a folder.
     let model = load_pipeline_weights(&out.join("toy.safetensors")).unwrap();
-    assert!(model.text_encoder.tensors.keys().any(|k| k.starts_with("text_model.")));
-    run_ok(&["convert", "--input", &p(&out.join("toy.safetensors")), "--output", &p(&ws.path("converted"))]);
+    assert!(
+        model
+            .text_encoder
+            .tensors
+            .keys()
+            .any(|k| k.starts_with("text_model."))
+    );
+    run_ok(&[
+        "convert",
+        "--input",
+        &p(&out.join("toy.safetensors")),
+        "--output",
+        &p(&ws.path("converted")),
+    ]);
 
     let losses = losses(&log);
     assert_eq!(losses.len(), 14, "a line per step: {log}");
@@ -158,7 +208,12 @@ fn a_preempted_session_resumes_to_the_same_weights() {
 
     let interrupted = ws.session("resume", "interrupted", TRAINING);
     let mut child = Command::new(TRAINER)
-        .args(["train", &p(&interrupted), "--termination-log", &p(&ws.path("termination.json"))])
+        .args([
+            "train",
+            &p(&interrupted),
+            "--termination-log",
+            &p(&ws.path("termination.json")),
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -181,16 +236,62 @@ fn a_preempted_session_resumes_to_the_same_weights() {
     let termination: dreambooth_api::Outcome =
         serde_json::from_slice(&std::fs::read(ws.path("termination.json")).unwrap()).unwrap();
     assert_eq!(termination.outcome, ExitKind::Preempted);
-    assert!(termination.step > 4 && termination.step < 12, "{termination:?}");
-    assert!(!ws.path("interrupted/manifest.json").exists(), "no manifest before the end");
+    assert!(
+        termination.step > 4 && termination.step < 12,
+        "{termination:?}"
+    );
+    assert!(
+        !ws.path("interrupted/manifest.json").exists(),
+        "no manifest before the end"
+    );
 
     let resumed = train(&interrupted);
     assert!(resumed.contains("resuming from step"), "{resumed}");
     let weights = |dir: &str| std::fs::read(ws.path(dir).join("resume.safetensors")).unwrap();
-    assert_eq!(weights("straight"), weights("interrupted"), "resumed weights differ");
+    assert_eq!(
+        weights("straight"),
+        weights("interrupted"),
+        "resumed weights differ"
+    );
 }
 
 /// `kill -TERM pid` without a libc dependency.
 fn send_sigterm(pid: u32) {
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn missing_class_images_are_generated_once_and_listed() {
+    let ws = Workspace::new();
+    let extra = "training:\n  unet:\n    steps: 3\n  textEncoder:\n    steps: 0\n  seed: 5\nsamples:\n  steps: 2\n  sampler: ddim\n";
+    let session = ws.session("prior", "out", extra);
+    let text = std::fs::read_to_string(&session).unwrap().replace(
+        "  resolution: 64\n",
+        "  resolution: 64\n  priorPreservation:\n    classPrompt: photo of a toy\n    numClassImages: 2\n",
+    );
+    std::fs::write(&session, text).unwrap();
+    let log = train(&session);
+    assert_eq!(log.matches("generated class image").count(), 2, "{log}");
+    let manifest = manifest(&ws.path("out"));
+    let class_images: Vec<&str> = manifest
+        .artifacts
+        .iter()
+        .filter(|a| a.kind == dreambooth_api::ArtifactKind::ClassImage)
+        .map(|a| a.uri.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(class_images, ["00000.png", "00001.png"]);
+    let first = std::fs::read(ws.path("out/class_images/00000.png")).unwrap();
+    assert!(image::load_from_memory(&first).unwrap().width() == 64);
+
+    // A new session on the same prefix reuses them instead of generating again.
+    std::fs::remove_file(ws.path("out/manifest.json")).unwrap();
+    let rerun = train(&session);
+    assert_eq!(rerun.matches("generated class image").count(), 0, "{rerun}");
+    assert_eq!(
+        std::fs::read(ws.path("out/class_images/00000.png")).unwrap(),
+        first
+    );
 }

@@ -168,7 +168,7 @@ mod tests {
     fn focal_point_finds_the_detailed_region() {
         // Flat grey with a checkerboard patch in the right third.
         let image = RgbImage::from_fn(300, 100, |x, y| {
-            if x >= 220 && x < 260 && y >= 30 && y < 70 && (x / 4 + y / 4) % 2 == 0 {
+            if (220..260).contains(&x) && (30..70).contains(&y) && (x / 4 + y / 4) % 2 == 0 {
                 image::Rgb([250, 250, 250])
             } else {
                 image::Rgb([120, 120, 120])

@@ -10,6 +10,7 @@
 //! ```
 
 pub mod manifest;
+pub mod model;
 pub mod samples;
 
 use std::path::PathBuf;

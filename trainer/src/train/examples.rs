@@ -32,10 +32,20 @@ pub fn pixels_to_tensor(image: &RgbImage, device: Device) -> Tensor {
 }
 
 /// Encodes an image once; the caller keeps the distribution for the whole run.
-pub fn encode_example(vae: &AutoencoderKL, image: &RgbImage, input_ids: Tensor, device: Device) -> Example {
+pub fn encode_example(
+    vae: &AutoencoderKL,
+    image: &RgbImage,
+    input_ids: Tensor,
+    device: Device,
+) -> Example {
     let _guard = tch::no_grad_guard();
     let distribution = vae.encode(&pixels_to_tensor(image, device));
-    Example { std: distribution.std(), mean: distribution.mean, input_ids, embedding: None }
+    Example {
+        std: distribution.std(),
+        mean: distribution.mean,
+        input_ids,
+        embedding: None,
+    }
 }
 
 #[cfg(test)]

@@ -41,7 +41,12 @@ mod tests {
     use super::*;
 
     fn schedule(kind: LrScheduler, warmup_steps: u32) -> LrSchedule {
-        LrSchedule { kind, base_lr: 2e-6, warmup_steps, total_steps: 100 }
+        LrSchedule {
+            kind,
+            base_lr: 2e-6,
+            warmup_steps,
+            total_steps: 100,
+        }
     }
 
     #[test]
@@ -74,6 +79,9 @@ mod tests {
         assert_eq!(s.lr_at(0), 0.0);
         assert!((s.lr_at(5) - 1e-6).abs() < 1e-18);
         assert_eq!(s.lr_at(10), 2e-6);
-        assert!((s.lr_at(55) - 1e-6).abs() < 1e-18, "decay spans the 90 steps after warmup");
+        assert!(
+            (s.lr_at(55) - 1e-6).abs() < 1e-18,
+            "decay spans the 90 steps after warmup"
+        );
     }
 }

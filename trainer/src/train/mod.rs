@@ -1,8 +1,8 @@
-//! Training: the objective, the optimizer, learning-rate schedules, cached examples and
-//! the two-phase loop.
+//! Training: the objective, the optimizer, learning-rate schedules, cached examples,
+//! the two-phase loop, training states and whole sessions.
 
+pub mod class_images;
 pub mod examples;
-pub mod export;
 pub mod lr_schedule;
 pub mod objective;
 pub mod optimizer;

@@ -29,7 +29,11 @@ pub struct NoisedBatch {
 /// Draws noise and timesteps for `latents` `[B, C, H, W]` from libtorch's global generator
 /// (seeded once per run, so a seed reproduces the loss sequence on the CPU).
 /// `alphas_cumprod` is the DDPM schedule `[T]` in fp32 on the latents' device.
-pub fn noise_batch(latents: &Tensor, alphas_cumprod: &Tensor, settings: &NoiseSettings) -> NoisedBatch {
+pub fn noise_batch(
+    latents: &Tensor,
+    alphas_cumprod: &Tensor,
+    settings: &NoiseSettings,
+) -> NoisedBatch {
     let (batch, channels) = (latents.size()[0], latents.size()[1]);
     let options = (Kind::Float, latents.device());
     let mut noise = Tensor::randn(latents.size(), options);
@@ -38,7 +42,9 @@ pub fn noise_batch(latents: &Tensor, alphas_cumprod: &Tensor, settings: &NoiseSe
     }
     let train_steps = alphas_cumprod.size()[0];
     let timesteps = Tensor::randint(train_steps, [batch], (Kind::Int64, latents.device()));
-    let alpha_bar = alphas_cumprod.index_select(0, &timesteps).view([batch, 1, 1, 1]);
+    let alpha_bar = alphas_cumprod
+        .index_select(0, &timesteps)
+        .view([batch, 1, 1, 1]);
     let signal = alpha_bar.sqrt();
     let sigma = (1f64 - &alpha_bar).sqrt();
     let noisy_latents = &signal * latents + &sigma * &noise;
@@ -51,7 +57,12 @@ pub fn noise_batch(latents: &Tensor, alphas_cumprod: &Tensor, settings: &NoiseSe
         Some(gamma) => min_snr_weights(&alpha_bar.view([batch]), gamma, settings.prediction),
         None => Tensor::ones([batch], options),
     };
-    NoisedBatch { noisy_latents, timesteps, target, weights }
+    NoisedBatch {
+        noisy_latents,
+        timesteps,
+        target,
+        weights,
+    }
 }
 
 /// Min-SNR-γ (Hang et al. 2023): `min(SNR, γ) / SNR` for epsilon, `min(SNR, γ) / (SNR + 1)`
@@ -89,12 +100,22 @@ mod tests {
 
     fn alphas_cumprod() -> Tensor {
         // SD's scaled-linear schedule.
-        let betas = Tensor::linspace(0.00085f64.sqrt(), 0.012f64.sqrt(), 1000, (Kind::Float, tch::Device::Cpu)).square();
+        let betas = Tensor::linspace(
+            0.00085f64.sqrt(),
+            0.012f64.sqrt(),
+            1000,
+            (Kind::Float, tch::Device::Cpu),
+        )
+        .square();
         (Tensor::ones_like(&betas) - betas).cumprod(0, Kind::Float)
     }
 
     fn settings(prediction: PredictionType) -> NoiseSettings {
-        NoiseSettings { prediction, offset_noise: 0.0, min_snr_gamma: None }
+        NoiseSettings {
+            prediction,
+            offset_noise: 0.0,
+            min_snr_gamma: None,
+        }
     }
 
     #[test]
@@ -124,11 +145,20 @@ mod tests {
     #[test]
     fn min_snr_caps_the_weight_of_low_noise_steps() {
         let alpha_bar = Tensor::from_slice(&[0.99f32, 0.5, 0.01]);
-        let eps = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, PredictionType::Epsilon)).unwrap();
+        let eps = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, PredictionType::Epsilon))
+            .unwrap();
         // SNR 99 → 5/99; SNR 1 → 1; SNR ≈ 0.0101 → 1.
         assert!((eps[0] - 5.0 / 99.0).abs() < 1e-4, "{eps:?}");
-        assert!((eps[1] - 1.0).abs() < 1e-6 && (eps[2] - 1.0).abs() < 1e-6, "{eps:?}");
-        let v = Vec::<f32>::try_from(min_snr_weights(&alpha_bar, 5.0, PredictionType::VPrediction)).unwrap();
+        assert!(
+            (eps[1] - 1.0).abs() < 1e-6 && (eps[2] - 1.0).abs() < 1e-6,
+            "{eps:?}"
+        );
+        let v = Vec::<f32>::try_from(min_snr_weights(
+            &alpha_bar,
+            5.0,
+            PredictionType::VPrediction,
+        ))
+        .unwrap();
         assert!((v[1] - 0.5).abs() < 1e-6, "{v:?}");
     }
 
@@ -143,6 +173,9 @@ mod tests {
         };
         let prediction = Tensor::from_slice(&[1f32, 2.0]).view([2, 1, 1, 1]);
         assert_eq!(loss(&prediction, &batch, None).double_value(&[]), 2.5);
-        assert_eq!(loss(&prediction, &batch, Some(0.5)).double_value(&[]), 1.0 + 0.5 * 4.0);
+        assert_eq!(
+            loss(&prediction, &batch, Some(0.5)).double_value(&[]),
+            1.0 + 0.5 * 4.0
+        );
     }
 }

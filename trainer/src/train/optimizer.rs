@@ -15,7 +15,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, weight_decay: 1e-2, eps: 1e-8 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 1e-2,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -35,7 +40,13 @@ impl AdamW {
         let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
         let exp_avg = params.iter().map(|(_, p)| zeros(p)).collect();
         let exp_avg_sq = params.iter().map(|(_, p)| zeros(p)).collect();
-        Self { config, params, exp_avg, exp_avg_sq, step: 0 }
+        Self {
+            config,
+            params,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+        }
     }
 
     pub fn steps_taken(&self) -> i64 {
@@ -52,11 +63,19 @@ impl AdamW {
     /// norm before clipping (as `torch.nn.utils.clip_grad_norm_` does).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(|g| g.defined())
+            .collect();
         if grads.is_empty() {
             return 0.0;
         }
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+        let squares: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
+            .collect();
         let total = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
         let coefficient = (max_norm / (total.double_value(&[]) + 1e-6)).min(1.0);
         if coefficient < 1.0 {
@@ -71,10 +90,20 @@ impl AdamW {
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        let AdamWConfig { beta1, beta2, weight_decay, eps } = self.config;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            weight_decay,
+            eps,
+        } = self.config;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for (((_, param), m), v) in self.params.iter_mut().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
+        for (((_, param), m), v) in self
+            .params
+            .iter_mut()
+            .zip(&mut self.exp_avg)
+            .zip(&mut self.exp_avg_sq)
+        {
             let grad = param.grad();
             if !grad.defined() {
                 continue;
@@ -105,14 +134,30 @@ impl AdamW {
     /// Restores moments saved by [`AdamW::state_tensors`] after `steps` updates.
     pub fn load_state(&mut self, state: &[(String, Tensor)], steps: i64) -> Result<(), String> {
         let find = |key: &str| {
-            state.iter().find(|(n, _)| n == key).map(|(_, t)| t).ok_or_else(|| format!("optimizer state lacks `{key}`"))
+            state
+                .iter()
+                .find(|(n, _)| n == key)
+                .map(|(_, t)| t)
+                .ok_or_else(|| format!("optimizer state lacks `{key}`"))
         };
         let _guard = tch::no_grad_guard();
-        for (((name, _), m), v) in self.params.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
-            for (slot, key) in [(m, format!("exp_avg.{name}")), (v, format!("exp_avg_sq.{name}"))] {
+        for (((name, _), m), v) in self
+            .params
+            .iter()
+            .zip(&mut self.exp_avg)
+            .zip(&mut self.exp_avg_sq)
+        {
+            for (slot, key) in [
+                (m, format!("exp_avg.{name}")),
+                (v, format!("exp_avg_sq.{name}")),
+            ] {
                 let saved = find(&key)?;
                 if saved.size() != slot.size() {
-                    return Err(format!("`{key}` has shape {:?}, the parameter {:?}", saved.size(), slot.size()));
+                    return Err(format!(
+                        "`{key}` has shape {:?}, the parameter {:?}",
+                        saved.size(),
+                        slot.size()
+                    ));
                 }
                 slot.copy_(saved);
             }
@@ -131,7 +176,10 @@ mod tests {
     #[test]
     fn matches_torch_adamw_on_a_quadratic() {
         let p = Tensor::from_slice(&[1f32, -2.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamWConfig::default(),
+        );
         for _ in 0..2 {
             opt.zero_grad();
             p.square().sum(Kind::Float).backward();
@@ -147,7 +195,10 @@ mod tests {
     #[test]
     fn clipping_caps_the_global_norm() {
         let p = Tensor::from_slice(&[3f32, 4.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamWConfig::default(),
+        );
         (&p * 1.0).sum(Kind::Float).backward();
         // Gradient [1, 1]: norm √2, clipped to 1.
         let norm = opt.clip_grad_norm(1.0);
@@ -160,17 +211,28 @@ mod tests {
     fn saved_state_resumes_the_same_trajectory() {
         let run = |split: Option<usize>| {
             let p = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
-            let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], AdamWConfig::default());
+            let mut opt = AdamW::new(
+                vec![("w".into(), p.shallow_clone())],
+                AdamWConfig::default(),
+            );
             for i in 0..6 {
                 if Some(i) == split {
-                    let state: Vec<(String, Tensor)> =
-                        opt.state_tensors().into_iter().map(|(n, t)| (n, t.copy())).collect();
+                    let state: Vec<(String, Tensor)> = opt
+                        .state_tensors()
+                        .into_iter()
+                        .map(|(n, t)| (n, t.copy()))
+                        .collect();
                     let steps = opt.steps_taken();
-                    opt = AdamW::new(vec![("w".into(), p.shallow_clone())], AdamWConfig::default());
+                    opt = AdamW::new(
+                        vec![("w".into(), p.shallow_clone())],
+                        AdamWConfig::default(),
+                    );
                     opt.load_state(&state, steps).unwrap();
                 }
                 opt.zero_grad();
-                (p.square() * Tensor::from_slice(&[1f32, 2.0, 3.0])).sum(Kind::Float).backward();
+                (p.square() * Tensor::from_slice(&[1f32, 2.0, 3.0]))
+                    .sum(Kind::Float)
+                    .backward();
                 opt.step(0.05);
             }
             p.detach()

@@ -13,8 +13,8 @@ use dreambooth_api::spec::{Dataset, MixedPrecision};
 use dreambooth_api::{ExitKind, Manifest, Progress, ResolvedTraining, Session, Stage};
 use tch::Device;
 
+use super::class_images::ensure_class_images;
 use super::examples::{Example, encode_example};
-use super::export::{render_samples, snapshot, write_model};
 use super::objective::NoiseSettings;
 use super::preemption::StopSignal;
 use super::state::{StateInfo, load_state, save_state};
@@ -22,8 +22,10 @@ use super::trainer::{LoopSettings, Trainer};
 use crate::checkpoint::{LoadedModel, load_pipeline_weights};
 use crate::data::{self, InstanceImage, PreparedDataset};
 use crate::export::manifest::rfc3339_utc;
+use crate::export::model::{SampleRenderer, snapshot, write_model};
 use crate::export::{
-    MANIFEST_FILE, OutputWriter, checkpoint_key, load_manifest, model_key, state_prefix, state_steps, write_samples,
+    MANIFEST_FILE, OutputWriter, checkpoint_key, load_manifest, model_key, state_prefix,
+    state_steps, write_samples,
 };
 use crate::pipeline::Models;
 use crate::schedulers::SchedulerConfig;
@@ -73,25 +75,35 @@ pub struct SessionOptions {
     pub stop: StopSignal,
 }
 
-pub fn run_session(session: &Session, options: &SessionOptions, progress: ProgressSink) -> Result<SessionOutcome, SessionError> {
+pub fn run_session(
+    session: &Session,
+    options: &SessionOptions,
+    progress: ProgressSink,
+) -> Result<SessionOutcome, SessionError> {
     let spec = &session.spec;
     let report = dreambooth_api::validate(&session.name, spec);
     if !report.is_valid() {
         let errors: Vec<String> = report.errors().map(|p| p.to_string()).collect();
         return Err(SessionError::Config(errors.join("\n")));
     }
-    let storage = open_storage(&spec.output.uri).map_err(|e| SessionError::Config(e.to_string()))?;
+    let storage =
+        open_storage(&spec.output.uri).map_err(|e| SessionError::Config(e.to_string()))?;
     if let Some(done) = finished_before(session, storage.as_ref())? {
         tracing::info!("{} is already complete; nothing to do", done.manifest_uri);
         return Ok(done);
     }
     let scratch = tempfile::tempdir().map_err(|e| SessionError::Infrastructure(e.to_string()))?;
-    let mut snapshot_progress = Progress { session: session.name.clone(), stage: Stage::Preparing, ..Progress::default() };
+    let mut snapshot_progress = Progress {
+        session: session.name.clone(),
+        stage: Stage::Preparing,
+        ..Progress::default()
+    };
     progress(&snapshot_progress);
 
     let base = load_base_model(spec.base_model.effective_uri().as_str())?;
     let dataset_dir = local_folder(&spec.dataset.uri, "spec.dataset.uri")?;
-    let prepared = data::prepare(&dataset_dir, &spec.dataset).map_err(|e| SessionError::Data(e.to_string()))?;
+    let prepared = data::prepare(&dataset_dir, &spec.dataset)
+        .map_err(|e| SessionError::Data(e.to_string()))?;
     for warning in &prepared.report.warnings {
         tracing::warn!("dataset: {warning}");
     }
@@ -104,25 +116,53 @@ pub fn run_session(session: &Session, options: &SessionOptions, progress: Progre
             base.source.display()
         ))
     })?;
-    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir).map_err(|e| SessionError::Config(e.to_string()))?;
+    let tokenizer =
+        ClipTokenizer::from_dir(&tokenizer_dir).map_err(|e| SessionError::Config(e.to_string()))?;
     let device = options.device;
-    let (models, stores) = Models::load(&base, device).map_err(|e| SessionError::Config(e.to_string()))?;
+    let (models, stores) =
+        Models::load(&base, device).map_err(|e| SessionError::Config(e.to_string()))?;
 
-    let instances = encode_examples(&models, &tokenizer, &prepared.images, spec.dataset.flip, device)?;
-    let classes = class_examples(spec, &models, &tokenizer, device)?;
+    let scheduler_config: SchedulerConfig = serde_json::from_value(base.scheduler.clone())
+        .map_err(|e| SessionError::Config(format!("scheduler config: {e}")))?;
+    let instances = encode_examples(
+        &models,
+        &tokenizer,
+        &prepared.images,
+        spec.dataset.flip,
+        device,
+    )?;
+    let sample_prompts = sample_prompts(spec, &prepared);
+    let side = i64::from(spec.dataset.resolution);
+    let renderer = SampleRenderer {
+        tokenizer: &tokenizer,
+        scheduler: &scheduler_config,
+        samples: &spec.samples,
+        prompts: &sample_prompts,
+        size: (side, side),
+    };
+    let generated = generated_class_images(spec, &models, &renderer, storage.as_ref())?;
+    let classes = class_examples(spec, &models, &tokenizer, device, &generated)?;
     let settings = loop_settings(spec, &resolved, &base, seed, device, !classes.is_empty());
     let total = settings.total_steps();
-    let scheduler_config: SchedulerConfig =
-        serde_json::from_value(base.scheduler.clone()).map_err(|e| SessionError::Config(format!("scheduler config: {e}")))?;
     let alphas_cumprod = scheduler_config.alphas_cumprod();
-    let mut trainer = Trainer::new(models, stores, settings, instances, classes, &alphas_cumprod);
+    let mut trainer = Trainer::new(
+        models,
+        stores,
+        settings,
+        instances,
+        classes,
+        &alphas_cumprod,
+    );
 
     let (mut writer, start) = resume(&mut trainer, storage, scratch.path())?;
+    for (key, bytes) in &generated {
+        writer
+            .record_bytes(ArtifactKind::ClassImage, 0, key, bytes)
+            .map_err(infra)?;
+    }
     snapshot_progress.total_steps = total;
     snapshot_progress.step = start;
 
-    let sample_prompts = sample_prompts(spec, &prepared);
-    let size = (i64::from(spec.dataset.resolution), i64::from(spec.dataset.resolution));
     let timer = Instant::now();
     for step in start..total {
         let report = trainer.step(step);
@@ -140,12 +180,28 @@ pub fn run_session(session: &Session, options: &SessionOptions, progress: Progre
         snapshot_progress.images_per_second = Some(speed * spec.training.batch_size as f64);
         snapshot_progress.eta_seconds = Progress::estimate_eta(done, total, Some(speed));
         if is_checkpoint(spec, done, total) {
-            write_checkpoint(&trainer, &base, &tokenizer, &scheduler_config, session, &sample_prompts, size, done, &mut writer, scratch.path())?;
-            snapshot_progress.checkpoints.push(writer.storage().uri(&checkpoint_key(&session.name, done)));
+            write_checkpoint(
+                &trainer,
+                &base,
+                &renderer,
+                session,
+                done,
+                &mut writer,
+                scratch.path(),
+            )?;
+            snapshot_progress
+                .checkpoints
+                .push(writer.storage().uri(&checkpoint_key(&session.name, done)));
         }
         progress(&snapshot_progress);
         if options.stop.requested() && done < total {
-            save_training_state(&trainer, done, &mut writer, scratch.path(), spec.checkpoints.keep_last_states)?;
+            save_training_state(
+                &trainer,
+                done,
+                &mut writer,
+                scratch.path(),
+                spec.checkpoints.keep_last_states,
+            )?;
             return Err(SessionError::Preempted { step: done });
         }
     }
@@ -153,12 +209,21 @@ pub fn run_session(session: &Session, options: &SessionOptions, progress: Progre
     snapshot_progress.stage = Stage::Exporting;
     progress(&snapshot_progress);
     let model = snapshot(&base, &trainer.stores);
-    let names = write_model(&model, scratch.path(), &session.name, &spec.checkpoints.formats, spec.checkpoints.precision)
-        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    let names = write_model(
+        &model,
+        scratch.path(),
+        &session.name,
+        &spec.checkpoints.formats,
+        spec.checkpoints.precision,
+    )
+    .map_err(|e| SessionError::Internal(e.to_string()))?;
     for name in &names {
-        writer.record_path(ArtifactKind::Model, total, name, &scratch.path().join(name)).map_err(infra)?;
+        writer
+            .record_path(ArtifactKind::Model, total, name, &scratch.path().join(name))
+            .map_err(infra)?;
     }
-    let images = render_samples(&trainer.models, &tokenizer, &scheduler_config, &spec.samples, &sample_prompts, size)
+    let images = renderer
+        .render(&trainer.models)
         .map_err(|e| SessionError::Internal(e.to_string()))?;
     write_samples(&mut writer, total, &images).map_err(infra)?;
     let manifest = Manifest {
@@ -175,12 +240,19 @@ pub fn run_session(session: &Session, options: &SessionOptions, progress: Progre
     let manifest_uri = writer.finish(manifest).map_err(infra)?;
     snapshot_progress.stage = Stage::Done;
     progress(&snapshot_progress);
-    Ok(SessionOutcome { step: total, manifest_uri, model_uri: writer.storage().uri(&model_key(&session.name)) })
+    Ok(SessionOutcome {
+        step: total,
+        manifest_uri,
+        model_uri: writer.storage().uri(&model_key(&session.name)),
+    })
 }
 
 /// A manifest in the output prefix means an earlier run finished: a rerun (a Job retried
 /// after its pod succeeded, a user running the command again) changes nothing.
-fn finished_before(session: &Session, storage: &dyn Storage) -> Result<Option<SessionOutcome>, SessionError> {
+fn finished_before(
+    session: &Session,
+    storage: &dyn Storage,
+) -> Result<Option<SessionOutcome>, SessionError> {
     let Some(manifest) = load_manifest(storage).map_err(infra)? else {
         return Ok(None);
     };
@@ -212,7 +284,9 @@ fn load_base_model(uri: &str) -> Result<LoadedModel, SessionError> {
 fn local_path(uri: &str, field: &str) -> Result<PathBuf, SessionError> {
     match uri.strip_prefix("file://") {
         Some(path) => Ok(PathBuf::from(path)),
-        None => Err(SessionError::Config(format!("{field}: `{uri}`: only file:// is supported by this build so far"))),
+        None => Err(SessionError::Config(format!(
+            "{field}: `{uri}`: only file:// is supported by this build so far"
+        ))),
     }
 }
 
@@ -229,45 +303,104 @@ fn encode_examples(
 ) -> Result<Vec<Example>, SessionError> {
     let mut examples = Vec::new();
     for image in images {
-        let ids = tokenizer.encode_tensor(&[image.caption.as_str()]).map_err(|e| SessionError::Data(e.to_string()))?;
+        let ids = tokenizer
+            .encode_tensor(&[image.caption.as_str()])
+            .map_err(|e| SessionError::Data(e.to_string()))?;
         let ids = ids.to_device(device);
-        examples.push(encode_example(&models.vae, &image.pixels, ids.shallow_clone(), device));
+        examples.push(encode_example(
+            &models.vae,
+            &image.pixels,
+            ids.shallow_clone(),
+            device,
+        ));
         if flip {
-            examples.push(encode_example(&models.vae, &data::flipped(&image.pixels), ids, device));
+            examples.push(encode_example(
+                &models.vae,
+                &data::flipped(&image.pixels),
+                ids,
+                device,
+            ));
         }
     }
     Ok(examples)
 }
 
-/// Class images for prior preservation, from `classImagesUri` (captioned with the class prompt).
+/// Class images generated by the base model when prior preservation has no folder.
+fn generated_class_images(
+    spec: &dreambooth_api::SessionSpec,
+    models: &Models,
+    renderer: &SampleRenderer,
+    storage: &dyn Storage,
+) -> Result<Vec<(String, Vec<u8>)>, SessionError> {
+    let Some(prior) = spec
+        .dataset
+        .prior_preservation
+        .as_ref()
+        .filter(|p| p.class_images_uri.is_none())
+    else {
+        return Ok(Vec::new());
+    };
+    ensure_class_images(
+        models,
+        renderer,
+        &prior.class_prompt,
+        prior.num_class_images as usize,
+        storage,
+    )
+    .map_err(SessionError::Internal)
+}
+
+/// Class images for prior preservation, captioned with the class prompt: from
+/// `classImagesUri`, or the generated ones.
 fn class_examples(
     spec: &dreambooth_api::SessionSpec,
     models: &Models,
     tokenizer: &ClipTokenizer,
     device: Device,
+    generated: &[(String, Vec<u8>)],
 ) -> Result<Vec<Example>, SessionError> {
     let Some(prior) = &spec.dataset.prior_preservation else {
         return Ok(Vec::new());
     };
-    let Some(uri) = &prior.class_images_uri else {
-        return Err(SessionError::Config(
-            "spec.dataset.priorPreservation.classImagesUri: generating class images is not supported yet; give a folder".into(),
-        ));
+    let side = spec.dataset.resolution;
+    let images: Vec<InstanceImage> = match &prior.class_images_uri {
+        Some(uri) => {
+            let folder = local_folder(uri, "spec.dataset.priorPreservation.classImagesUri")?;
+            let class_dataset = Dataset {
+                uri: uri.clone(),
+                token: Some("class".into()),
+                captions: dreambooth_api::spec::Captions::Filename,
+                skip_invalid: true,
+                ..spec.dataset.clone()
+            };
+            let prepared = data::prepare(&folder, &class_dataset)
+                .map_err(|e| SessionError::Data(e.to_string()))?;
+            prepared
+                .images
+                .into_iter()
+                .take(prior.num_class_images as usize)
+                .collect()
+        }
+        None => generated
+            .iter()
+            .map(|(key, bytes)| {
+                let rgb = data::decode::decode_rgb_bytes(bytes)
+                    .map_err(|e| SessionError::Data(format!("{key}: {e}")))?;
+                let pixels = data::crop::crop_and_resize(&rgb, spec.dataset.crop, side, side);
+                Ok(InstanceImage {
+                    file: key.clone(),
+                    caption: String::new(),
+                    pixels,
+                })
+            })
+            .collect::<Result<_, SessionError>>()?,
     };
-    let folder = local_folder(uri, "spec.dataset.priorPreservation.classImagesUri")?;
-    let class_dataset = Dataset {
-        uri: uri.clone(),
-        token: Some("class".into()),
-        captions: dreambooth_api::spec::Captions::Filename,
-        skip_invalid: true,
-        ..spec.dataset.clone()
-    };
-    let prepared = data::prepare(&folder, &class_dataset).map_err(|e| SessionError::Data(e.to_string()))?;
-    let images: Vec<InstanceImage> = prepared
-        .images
+    let images: Vec<InstanceImage> = images
         .into_iter()
-        .take(prior.num_class_images as usize)
-        .map(|image| InstanceImage { caption: prior.class_prompt.clone(), ..image })
+        .map(|image| InstanceImage {
+            caption: prior.class_prompt.clone(),
+            ..image
+        })
         .collect();
     encode_examples(models, tokenizer, &images, false, device)
 }
@@ -293,7 +426,12 @@ fn loop_settings(
             offset_noise: resolved.offset_noise,
             min_snr_gamma: spec.training.min_snr_gamma,
         },
-        prior_loss_weight: spec.dataset.prior_preservation.as_ref().filter(|_| with_classes).map(|p| p.loss_weight),
+        prior_loss_weight: spec
+            .dataset
+            .prior_preservation
+            .as_ref()
+            .filter(|_| with_classes)
+            .map(|p| p.loss_weight),
         seed,
         autocast: device.is_cuda() && spec.training.mixed_precision == MixedPrecision::Bf16,
     }
@@ -301,30 +439,36 @@ fn loop_settings(
 
 fn is_checkpoint(spec: &dreambooth_api::SessionSpec, done: u32, total: u32) -> bool {
     match spec.checkpoints.every {
-        Some(every) => done % every == 0 && done >= spec.checkpoints.start_from && done < total,
+        Some(every) => {
+            done.is_multiple_of(every) && done >= spec.checkpoints.start_from && done < total
+        }
         None => false,
     }
 }
 
 /// Sample prompts with `{token}` filled; without any, the first instance caption.
 fn sample_prompts(spec: &dreambooth_api::SessionSpec, prepared: &PreparedDataset) -> Vec<String> {
-    let token = spec.dataset.token.clone().unwrap_or_else(|| prepared.images[0].caption.clone());
+    let token = spec
+        .dataset
+        .token
+        .clone()
+        .unwrap_or_else(|| prepared.images[0].caption.clone());
     if spec.samples.prompts.is_empty() {
         vec![prepared.images[0].caption.clone()]
     } else {
-        spec.samples.prompts.iter().map(|p| p.replace("{token}", &token)).collect()
+        spec.samples
+            .prompts
+            .iter()
+            .map(|p| p.replace("{token}", &token))
+            .collect()
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     trainer: &Trainer,
     base: &LoadedModel,
-    tokenizer: &ClipTokenizer,
-    scheduler_config: &SchedulerConfig,
+    renderer: &SampleRenderer,
     session: &Session,
-    prompts: &[String],
-    size: (i64, i64),
     step: u32,
     writer: &mut OutputWriter,
     scratch: &Path,
@@ -332,16 +476,31 @@ fn write_checkpoint(
     let spec = &session.spec;
     let model = snapshot(base, &trainer.stores);
     let stem = format!("{}_step_{step}", session.name);
-    let names = write_model(&model, scratch, &stem, &[dreambooth_api::spec::ModelFormat::Safetensors], spec.checkpoints.precision)
-        .map_err(|e| SessionError::Internal(e.to_string()))?;
+    let names = write_model(
+        &model,
+        scratch,
+        &stem,
+        &[dreambooth_api::spec::ModelFormat::Safetensors],
+        spec.checkpoints.precision,
+    )
+    .map_err(|e| SessionError::Internal(e.to_string()))?;
     for name in names {
-        writer.record_path(ArtifactKind::Checkpoint, step, &name, &scratch.join(&name)).map_err(infra)?;
+        writer
+            .record_path(ArtifactKind::Checkpoint, step, &name, &scratch.join(&name))
+            .map_err(infra)?;
         let _ = std::fs::remove_file(scratch.join(&name));
     }
-    let images = render_samples(&trainer.models, tokenizer, scheduler_config, &spec.samples, prompts, size)
+    let images = renderer
+        .render(&trainer.models)
         .map_err(|e| SessionError::Internal(e.to_string()))?;
     write_samples(writer, step, &images).map_err(infra)?;
-    save_training_state(trainer, step, writer, scratch, spec.checkpoints.keep_last_states)
+    save_training_state(
+        trainer,
+        step,
+        writer,
+        scratch,
+        spec.checkpoints.keep_last_states,
+    )
 }
 
 /// The file a state writes last, listing every artifact recorded so far: a state
@@ -350,26 +509,54 @@ const JOURNAL_FILE: &str = "artifacts.json";
 
 /// Saves `state/step_<N>/` (weights and optimizer, `state.json`, then the artifact
 /// journal) and deletes the states beyond the newest `keep`.
-fn save_training_state(trainer: &Trainer, step: u32, writer: &mut OutputWriter, scratch: &Path, keep: u32) -> Result<(), SessionError> {
+fn save_training_state(
+    trainer: &Trainer,
+    step: u32,
+    writer: &mut OutputWriter,
+    scratch: &Path,
+    keep: u32,
+) -> Result<(), SessionError> {
     let dir = scratch.join(format!("state_{step}"));
     save_state(trainer, step, &dir).map_err(|e| SessionError::Internal(e.to_string()))?;
     let prefix = state_prefix(step);
     for file in [super::state::WEIGHTS_FILE, super::state::INFO_FILE] {
-        writer.record_path(ArtifactKind::State, step, &format!("{prefix}{file}"), &dir.join(file)).map_err(infra)?;
+        writer
+            .record_path(
+                ArtifactKind::State,
+                step,
+                &format!("{prefix}{file}"),
+                &dir.join(file),
+            )
+            .map_err(infra)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     let journal = serde_json::to_vec_pretty(&writer.artifacts()).expect("artifacts serialise");
-    writer.record_bytes(ArtifactKind::State, step, &format!("{prefix}{JOURNAL_FILE}"), &journal).map_err(infra)?;
+    writer
+        .record_bytes(
+            ArtifactKind::State,
+            step,
+            &format!("{prefix}{JOURNAL_FILE}"),
+            &journal,
+        )
+        .map_err(infra)?;
     writer.prune_states(keep.max(1) as usize).map_err(infra)?;
     Ok(())
 }
 
 /// Continues from the newest complete state in the output prefix, if there is one:
 /// loads it into `trainer` and adopts the artifacts its journal lists.
-fn resume(trainer: &mut Trainer, storage: Box<dyn Storage>, scratch: &Path) -> Result<(OutputWriter, u32), SessionError> {
+fn resume(
+    trainer: &mut Trainer,
+    storage: Box<dyn Storage>,
+    scratch: &Path,
+) -> Result<(OutputWriter, u32), SessionError> {
     let mut complete = Vec::new();
     for step in state_steps(storage.as_ref()).map_err(infra)? {
-        if storage.stat(&format!("{}{JOURNAL_FILE}", state_prefix(step))).map_err(infra)?.is_some() {
+        if storage
+            .stat(&format!("{}{JOURNAL_FILE}", state_prefix(step)))
+            .map_err(infra)?
+            .is_some()
+        {
             complete.push(step);
         }
     }
@@ -379,16 +566,21 @@ fn resume(trainer: &mut Trainer, storage: Box<dyn Storage>, scratch: &Path) -> R
     let prefix = state_prefix(step);
     let dir = scratch.join("resume");
     for file in [super::state::WEIGHTS_FILE, super::state::INFO_FILE] {
-        storage.get_to_file(&format!("{prefix}{file}"), &dir.join(file)).map_err(infra)?;
+        storage
+            .get_to_file(&format!("{prefix}{file}"), &dir.join(file))
+            .map_err(infra)?;
     }
-    let info: StateInfo = load_state(trainer, &dir).map_err(|e| SessionError::Config(e.to_string()))?;
+    let info: StateInfo =
+        load_state(trainer, &dir).map_err(|e| SessionError::Config(e.to_string()))?;
     let _ = std::fs::remove_dir_all(&dir);
     let journal_key = format!("{prefix}{JOURNAL_FILE}");
     let journal = storage.get_bytes(&journal_key).map_err(infra)?;
-    let previous: Vec<dreambooth_api::Artifact> =
-        serde_json::from_slice(&journal).map_err(|e| SessionError::Config(format!("{}: {e}", storage.uri(&journal_key))))?;
+    let previous: Vec<dreambooth_api::Artifact> = serde_json::from_slice(&journal)
+        .map_err(|e| SessionError::Config(format!("{}: {e}", storage.uri(&journal_key))))?;
     let mut writer = OutputWriter::resume(storage, &previous).map_err(infra)?;
-    writer.record_bytes(ArtifactKind::State, step, &journal_key, &journal).map_err(infra)?;
+    writer
+        .record_bytes(ArtifactKind::State, step, &journal_key, &journal)
+        .map_err(infra)?;
     tracing::info!("resuming from step {} of {}", info.step, info.total_steps);
     Ok((writer, info.step))
 }
@@ -399,13 +591,18 @@ fn resolved_config(session: &Session, resolved: &ResolvedTraining, seed: u64) ->
     spec.training.seed = Some(seed);
     spec.training.unet.steps = Some(dreambooth_api::spec::Steps::Count(resolved.unet_steps));
     spec.training.unet.learning_rate = Some(resolved.unet_learning_rate);
-    spec.training.text_encoder.steps = Some(dreambooth_api::spec::Steps::Count(resolved.text_encoder_steps));
+    spec.training.text_encoder.steps = Some(dreambooth_api::spec::Steps::Count(
+        resolved.text_encoder_steps,
+    ));
     spec.training.text_encoder.learning_rate = Some(resolved.text_encoder_learning_rate);
     spec.training.offset_noise = Some(resolved.offset_noise);
     serde_json::json!({ "name": session.name, "spec": spec })
 }
 
 fn random_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
 }

@@ -29,30 +29,46 @@ pub enum StateError {
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Torch { path: String, source: tch::TchError },
 }
 
 /// Writes the state after `step` optimizer steps into `dir` (a local folder).
 pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo, StateError> {
-    std::fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.display().to_string(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (prefix, store) in [("text_encoder.", &trainer.stores.text_encoder), ("unet.", &trainer.stores.unet)] {
+    for (prefix, store) in [
+        ("text_encoder.", &trainer.stores.text_encoder),
+        ("unet.", &trainer.stores.unet),
+    ] {
         for (name, tensor) in store.variables() {
             tensors.push((format!("{prefix}{name}"), tensor));
         }
     }
     let (phase, optimizer_steps) = match trainer.optimizer() {
         Some((phase, optimizer)) => {
-            tensors.extend(optimizer.state_tensors().into_iter().map(|(n, t)| (format!("optimizer.{n}"), t)));
+            tensors.extend(
+                optimizer
+                    .state_tensors()
+                    .into_iter()
+                    .map(|(n, t)| (format!("optimizer.{n}"), t)),
+            );
             (Some(phase), optimizer.steps_taken())
         }
         None => (None, 0),
     };
     let weights = dir.join(WEIGHTS_FILE);
-    Tensor::write_safetensors(&tensors, &weights)
-        .map_err(|source| StateError::Torch { path: weights.display().to_string(), source })?;
+    Tensor::write_safetensors(&tensors, &weights).map_err(|source| StateError::Torch {
+        path: weights.display().to_string(),
+        source,
+    })?;
     let info = StateInfo {
         step,
         phase,
@@ -62,16 +78,24 @@ pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo,
     };
     let info_path = dir.join(INFO_FILE);
     let json = serde_json::to_string_pretty(&info).expect("state info serialises");
-    std::fs::write(&info_path, json).map_err(|source| StateError::Io { path: info_path.display().to_string(), source })?;
+    std::fs::write(&info_path, json).map_err(|source| StateError::Io {
+        path: info_path.display().to_string(),
+        source,
+    })?;
     Ok(info)
 }
 
 /// Reads a state written by [`save_state`] into `trainer`; returns the step to continue at.
 pub fn load_state(trainer: &mut Trainer, dir: &Path) -> Result<StateInfo, StateError> {
     let info_path = dir.join(INFO_FILE);
-    let text = std::fs::read_to_string(&info_path)
-        .map_err(|source| StateError::Io { path: info_path.display().to_string(), source })?;
-    let invalid = |message: String| StateError::Invalid { path: info_path.display().to_string(), message };
+    let text = std::fs::read_to_string(&info_path).map_err(|source| StateError::Io {
+        path: info_path.display().to_string(),
+        source,
+    })?;
+    let invalid = |message: String| StateError::Invalid {
+        path: info_path.display().to_string(),
+        message,
+    };
     let info: StateInfo = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     if info.seed != trainer.settings.seed || info.total_steps != trainer.settings.total_steps() {
         return Err(invalid(format!(
@@ -83,17 +107,28 @@ pub fn load_state(trainer: &mut Trainer, dir: &Path) -> Result<StateInfo, StateE
         )));
     }
     let weights = dir.join(WEIGHTS_FILE);
-    let weights_error = |message: String| StateError::Invalid { path: weights.display().to_string(), message };
-    let tensors = Tensor::read_safetensors(&weights)
-        .map_err(|source| StateError::Torch { path: weights.display().to_string(), source })?;
-    restore_weights(&mut trainer.stores.text_encoder, &tensors, "text_encoder.").map_err(weights_error)?;
+    let weights_error = |message: String| StateError::Invalid {
+        path: weights.display().to_string(),
+        message,
+    };
+    let tensors = Tensor::read_safetensors(&weights).map_err(|source| StateError::Torch {
+        path: weights.display().to_string(),
+        source,
+    })?;
+    restore_weights(&mut trainer.stores.text_encoder, &tensors, "text_encoder.")
+        .map_err(weights_error)?;
     restore_weights(&mut trainer.stores.unet, &tensors, "unet.").map_err(weights_error)?;
     if let Some(phase) = info.phase {
         let optimizer: Vec<(String, Tensor)> = tensors
             .iter()
-            .filter_map(|(n, t)| n.strip_prefix("optimizer.").map(|n| (n.to_owned(), t.shallow_clone())))
+            .filter_map(|(n, t)| {
+                n.strip_prefix("optimizer.")
+                    .map(|n| (n.to_owned(), t.shallow_clone()))
+            })
             .collect();
-        trainer.restore_optimizer(phase, &optimizer, info.optimizer_steps).map_err(weights_error)?;
+        trainer
+            .restore_optimizer(phase, &optimizer, info.optimizer_steps)
+            .map_err(weights_error)?;
     }
     Ok(info)
 }

@@ -61,7 +61,12 @@ impl LoopSettings {
             Phase::TextEncoder => (self.text_encoder_lr, self.text_encoder_steps),
             Phase::Unet => (self.unet_lr, self.unet_steps),
         };
-        LrSchedule { kind: self.lr_scheduler, base_lr, warmup_steps: self.lr_warmup_steps, total_steps }
+        LrSchedule {
+            kind: self.lr_scheduler,
+            base_lr,
+            warmup_steps: self.lr_warmup_steps,
+            total_steps,
+        }
     }
 }
 
@@ -115,11 +120,23 @@ impl Trainer {
     pub fn step(&mut self, step: u32) -> StepReport {
         let (phase, phase_step) = self.settings.phase_of(step);
         self.enter_phase(phase);
-        let instance_ids = batch_indices(self.settings.seed, phase, phase_step, self.settings.batch_size, self.instances.len());
+        let instance_ids = batch_indices(
+            self.settings.seed,
+            phase,
+            phase_step,
+            self.settings.batch_size,
+            self.instances.len(),
+        );
         let class_ids = if self.classes.is_empty() {
             Vec::new()
         } else {
-            batch_indices(self.settings.seed ^ CLASS_STREAM, phase, phase_step, self.settings.batch_size, self.classes.len())
+            batch_indices(
+                self.settings.seed ^ CLASS_STREAM,
+                phase,
+                phase_step,
+                self.settings.batch_size,
+                self.classes.len(),
+            )
         };
         tch::manual_seed(step_seed(self.settings.seed, step));
         let picked: Vec<&Example> = instance_ids
@@ -133,13 +150,21 @@ impl Trainer {
         let grad_norm = optimizer.clip_grad_norm(1.0);
         optimizer.step(learning_rate);
         optimizer.zero_grad();
-        StepReport { phase, loss: loss_value, learning_rate, grad_norm }
+        StepReport {
+            phase,
+            loss: loss_value,
+            learning_rate,
+            grad_norm,
+        }
     }
 
     /// Loss of one batch and its gradients. Latents of different sizes (aspect buckets)
     /// go through the UNet in groups, each group's loss weighted by its share.
     fn forward_backward(&self, phase: Phase, picked: &[&Example]) -> f64 {
-        let with_prior = self.settings.prior_loss_weight.filter(|_| !self.classes.is_empty());
+        let with_prior = self
+            .settings
+            .prior_loss_weight
+            .filter(|_| !self.classes.is_empty());
         let mut groups: Vec<(Vec<i64>, Vec<&Example>)> = Vec::new();
         for example in picked {
             let size = example.mean.size();
@@ -155,13 +180,19 @@ impl Trainer {
         for (_, members) in groups {
             let share = members.len() as f64 / total;
             let latents = Tensor::cat(
-                &members.iter().map(|e| &e.mean + &e.std * Tensor::randn_like(&e.std)).collect::<Vec<_>>(),
+                &members
+                    .iter()
+                    .map(|e| &e.mean + &e.std * Tensor::randn_like(&e.std))
+                    .collect::<Vec<_>>(),
                 0,
             ) * self.scaling_factor;
             let context = self.context(phase, &members);
-            let batch: NoisedBatch = noise_batch(&latents, &self.alphas_cumprod, &self.settings.noise);
+            let batch: NoisedBatch =
+                noise_batch(&latents, &self.alphas_cumprod, &self.settings.noise);
             let prediction = cuda::autocast(self.settings.autocast, || {
-                self.models.unet.forward(&batch.noisy_latents, &batch.timesteps, &context)
+                self.models
+                    .unet
+                    .forward(&batch.noisy_latents, &batch.timesteps, &context)
             });
             let prior = with_prior.filter(|_| members.len() % 2 == 0);
             let group_loss = loss(&prediction, &batch, prior) * share;
@@ -177,10 +208,15 @@ impl Trainer {
         match phase {
             Phase::TextEncoder => {
                 let ids = Tensor::cat(&members.iter().map(|e| &e.input_ids).collect::<Vec<_>>(), 0);
-                cuda::autocast(self.settings.autocast, || self.models.text_encoder.forward(&ids).last_hidden_state)
+                cuda::autocast(self.settings.autocast, || {
+                    self.models.text_encoder.forward(&ids).last_hidden_state
+                })
             }
             Phase::Unet => Tensor::cat(
-                &members.iter().map(|e| e.embedding.as_ref().expect("embeddings cached for phase 2")).collect::<Vec<_>>(),
+                &members
+                    .iter()
+                    .map(|e| e.embedding.as_ref().expect("embeddings cached for phase 2"))
+                    .collect::<Vec<_>>(),
                 0,
             ),
         }
@@ -212,7 +248,11 @@ impl Trainer {
     fn cache_embeddings(&mut self) {
         let _guard = tch::no_grad_guard();
         for example in self.instances.iter_mut().chain(self.classes.iter_mut()) {
-            let embedding = self.models.text_encoder.forward(&example.input_ids).last_hidden_state;
+            let embedding = self
+                .models
+                .text_encoder
+                .forward(&example.input_ids)
+                .last_hidden_state;
             example.embedding = Some(embedding);
         }
     }
@@ -230,7 +270,12 @@ impl Trainer {
     }
 
     /// Restores the optimizer of `phase` for a resumed run.
-    pub fn restore_optimizer(&mut self, phase: Phase, state: &[(String, Tensor)], steps: i64) -> Result<(), String> {
+    pub fn restore_optimizer(
+        &mut self,
+        phase: Phase,
+        state: &[(String, Tensor)],
+        steps: i64,
+    ) -> Result<(), String> {
         self.enter_phase(phase);
         let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
         optimizer.load_state(state, steps)
@@ -265,7 +310,13 @@ fn splitmix64(mut x: u64) -> u64 {
 
 /// The examples of phase step `phase_step`: consecutive slices of per-epoch shuffles,
 /// each shuffle a function of `(seed, phase, epoch)` only.
-pub fn batch_indices(seed: u64, phase: Phase, phase_step: u32, batch: usize, count: usize) -> Vec<usize> {
+pub fn batch_indices(
+    seed: u64,
+    phase: Phase,
+    phase_step: u32,
+    batch: usize,
+    count: usize,
+) -> Vec<usize> {
     let phase_salt = match phase {
         Phase::TextEncoder => 1,
         Phase::Unet => 2,
@@ -274,7 +325,10 @@ pub fn batch_indices(seed: u64, phase: Phase, phase_step: u32, batch: usize, cou
     (start..start + batch)
         .map(|position| {
             let epoch = (position / count) as u64;
-            let order = shuffle(count, splitmix64(seed ^ (phase_salt << 56) ^ epoch.wrapping_mul(0x100_0000_01b3)));
+            let order = shuffle(
+                count,
+                splitmix64(seed ^ (phase_salt << 56) ^ epoch.wrapping_mul(0x100_0000_01b3)),
+            );
             order[position % count]
         })
         .collect()
@@ -293,13 +347,25 @@ fn shuffle(count: usize, seed: u64) -> Vec<usize> {
 }
 
 /// Copies `tensors` into the matching variables of `store` (for resume).
-pub fn restore_weights(store: &mut VarStore, tensors: &[(String, Tensor)], prefix: &str) -> Result<(), String> {
+pub fn restore_weights(
+    store: &mut VarStore,
+    tensors: &[(String, Tensor)],
+    prefix: &str,
+) -> Result<(), String> {
     let _guard = tch::no_grad_guard();
     for (name, mut var) in store.variables() {
         let key = format!("{prefix}{name}");
-        let saved = tensors.iter().find(|(n, _)| *n == key).map(|(_, t)| t).ok_or_else(|| format!("state lacks `{key}`"))?;
+        let saved = tensors
+            .iter()
+            .find(|(n, _)| *n == key)
+            .map(|(_, t)| t)
+            .ok_or_else(|| format!("state lacks `{key}`"))?;
         if saved.size() != var.size() {
-            return Err(format!("`{key}` has shape {:?}, the model {:?}", saved.size(), var.size()));
+            return Err(format!(
+                "`{key}` has shape {:?}, the model {:?}",
+                saved.size(),
+                var.size()
+            ));
         }
         var.copy_(&saved.to_kind(Kind::Float).to_device(var.device()));
     }
@@ -312,17 +378,27 @@ mod tests {
 
     #[test]
     fn each_epoch_visits_every_example_once() {
-        let mut seen: Vec<usize> = (0..5).flat_map(|s| batch_indices(7, Phase::Unet, s, 2, 10)).collect();
+        let mut seen: Vec<usize> = (0..5)
+            .flat_map(|s| batch_indices(7, Phase::Unet, s, 2, 10))
+            .collect();
         seen.sort();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
     }
 
     #[test]
     fn data_order_depends_only_on_seed_phase_and_step() {
-        assert_eq!(batch_indices(7, Phase::Unet, 13, 3, 10), batch_indices(7, Phase::Unet, 13, 3, 10));
-        let epochs: Vec<Vec<usize>> = (0..4).map(|e| batch_indices(7, Phase::Unet, e * 10, 10, 10)).collect();
+        assert_eq!(
+            batch_indices(7, Phase::Unet, 13, 3, 10),
+            batch_indices(7, Phase::Unet, 13, 3, 10)
+        );
+        let epochs: Vec<Vec<usize>> = (0..4)
+            .map(|e| batch_indices(7, Phase::Unet, e * 10, 10, 10))
+            .collect();
         assert!(epochs.windows(2).any(|w| w[0] != w[1]), "epochs reshuffle");
-        assert_ne!(batch_indices(7, Phase::Unet, 0, 10, 10), batch_indices(8, Phase::Unet, 0, 10, 10));
+        assert_ne!(
+            batch_indices(7, Phase::Unet, 0, 10, 10),
+            batch_indices(8, Phase::Unet, 0, 10, 10)
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Turning the networks being trained back into files: the weights under diffusers
+//! The model being trained, back into files: the weights under diffusers
 //! names with the base model's configs, written in the requested formats, and the
 //! sample images rendered at a checkpoint.
 
@@ -7,8 +7,11 @@ use std::path::Path;
 use dreambooth_api::spec::{ModelFormat, Precision, Samples};
 use image::RgbImage;
 
-use crate::checkpoint::{CheckpointError, Component, LoadedModel, save_diffusers_folder, save_single_file, var_store_tensors};
-use crate::pipeline::{Models, ModelVarStores, PipelineError, SampleRequest, generate, to_rgb8};
+use crate::checkpoint::{
+    CheckpointError, Component, LoadedModel, save_diffusers_folder, save_single_file,
+    var_store_tensors,
+};
+use crate::pipeline::{ModelVarStores, Models, PipelineError, SampleRequest, generate, to_rgb8};
 use crate::schedulers::{Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 
@@ -65,34 +68,42 @@ pub fn write_model(
     Ok(written)
 }
 
-/// Renders every sample prompt with the same seeds at each checkpoint, so checkpoints compare.
-pub fn render_samples(
-    models: &Models,
-    tokenizer: &ClipTokenizer,
-    scheduler_config: &SchedulerConfig,
-    samples: &Samples,
-    prompts: &[String],
-    size: (i64, i64),
-) -> Result<Vec<RgbImage>, PipelineError> {
-    let sampler: Sampler = samples_sampler(samples);
-    let _guard = tch::no_grad_guard();
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(i, prompt)| {
-            let mut scheduler = sampler.scheduler(scheduler_config);
-            let request = SampleRequest {
-                prompt: prompt.clone(),
-                negative_prompt: samples.negative_prompt.clone().unwrap_or_default(),
-                seed: samples.seed + i as u64,
-                steps: samples.steps as usize,
-                guidance_scale: samples.guidance_scale,
-                width: samples.width.map_or(size.0, i64::from),
-                height: samples.height.map_or(size.1, i64::from),
-            };
-            generate(models, tokenizer, scheduler.as_mut(), &request).map(|image| to_rgb8(&image))
-        })
-        .collect()
+/// What rendering sample images needs besides the networks.
+pub struct SampleRenderer<'a> {
+    pub tokenizer: &'a ClipTokenizer,
+    pub scheduler: &'a SchedulerConfig,
+    pub samples: &'a Samples,
+    /// Prompts with `{token}` already filled in.
+    pub prompts: &'a [String],
+    /// Width and height unless `samples` sets them.
+    pub size: (i64, i64),
+}
+
+impl SampleRenderer<'_> {
+    /// Renders every prompt with the same seeds at each checkpoint, so checkpoints compare.
+    pub fn render(&self, models: &Models) -> Result<Vec<RgbImage>, PipelineError> {
+        let samples = self.samples;
+        let sampler = samples_sampler(samples);
+        let _guard = tch::no_grad_guard();
+        self.prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let mut scheduler = sampler.scheduler(self.scheduler);
+                let request = SampleRequest {
+                    prompt: prompt.clone(),
+                    negative_prompt: samples.negative_prompt.clone().unwrap_or_default(),
+                    seed: samples.seed + i as u64,
+                    steps: samples.steps as usize,
+                    guidance_scale: samples.guidance_scale,
+                    width: samples.width.map_or(self.size.0, i64::from),
+                    height: samples.height.map_or(self.size.1, i64::from),
+                };
+                generate(models, self.tokenizer, scheduler.as_mut(), &request)
+                    .map(|image| to_rgb8(&image))
+            })
+            .collect()
+    }
 }
 
 fn samples_sampler(samples: &Samples) -> Sampler {

@@ -159,6 +159,16 @@ fn a_session_writes_every_artifact_in_its_manifest() {
     assert_eq!(manifest.dataset.as_ref().unwrap().images.len(), 6);
     assert_eq!(manifest.config["spec"]["training"]["unet"]["steps"], 10);
 
+    // The header says what the file is, for AUTOMATIC1111 and ComfyUI.
+    let file = std::fs::read(out.join("toy.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + header_len]).unwrap();
+    let metadata = &header["__metadata__"];
+    assert_eq!(metadata["modelspec.architecture"], "stable-diffusion-v1");
+    assert_eq!(metadata["dreambooth.token"], "zwxtoy");
+    assert_eq!(metadata["dreambooth.steps"], "14");
+    assert_eq!(metadata["format"], "pt");
+
     // The exported file loads back through our loader and converts to a folder.
     let model = load_pipeline_weights(&out.join("toy.safetensors")).unwrap();
     assert!(

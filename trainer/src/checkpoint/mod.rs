@@ -26,7 +26,10 @@ use single_file::{Components, Layouts, TextLayout};
 
 pub use ckpt::{Checkpoint, read_ckpt};
 pub use diffusers_folder::{read_diffusers_folder, save_diffusers_folder};
-pub use safetensors::{fill_var_store, precision_kind, read_safetensors, write_safetensors};
+pub use safetensors::{
+    fill_var_store, precision_kind, read_safetensors, write_safetensors,
+    write_safetensors_with_metadata,
+};
 
 /// Tensors by name, in name order so files come out the same every time.
 pub type Tensors = BTreeMap<String, Tensor>;
@@ -338,6 +341,16 @@ pub fn save_single_file(
     path: &Path,
     precision: Precision,
 ) -> Result<(), CheckpointError> {
+    save_single_file_with_metadata(model, path, precision, &BTreeMap::new())
+}
+
+/// [`save_single_file`] with extra header metadata.
+pub fn save_single_file_with_metadata(
+    model: &LoadedModel,
+    path: &Path,
+    precision: Precision,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), CheckpointError> {
     let configs = Configs {
         unet: model.unet.config.clone(),
         vae: model.vae.config.clone(),
@@ -357,7 +370,7 @@ pub fn save_single_file(
         text_encoder: view(&model.text_encoder.tensors),
     };
     let tensors = single_file::to_original(components, &layouts, &model.source)?;
-    write_safetensors(path, &tensors, precision)
+    write_safetensors_with_metadata(path, &tensors, precision, metadata)
 }
 
 /// Converts between forms: `output` ending in `.safetensors` gets a single file,

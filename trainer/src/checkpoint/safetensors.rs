@@ -4,7 +4,7 @@
 //! keeps fp32 master weights, and half precision is only a storage format here.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use dreambooth_api::spec::Precision;
@@ -44,6 +44,17 @@ pub fn write_safetensors(
     tensors: &Tensors,
     precision: Precision,
 ) -> Result<(), CheckpointError> {
+    write_safetensors_with_metadata(path, tensors, precision, &BTreeMap::new())
+}
+
+/// [`write_safetensors`] with extra header metadata (what the file is, for tools that
+/// show it), next to the `format: pt` every file gets.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &Tensors,
+    precision: Precision,
+    extra: &BTreeMap<String, String>,
+) -> Result<(), CheckpointError> {
     let target = precision_kind(precision);
     let views = tensors
         .iter()
@@ -73,7 +84,8 @@ pub fn write_safetensors(
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| CheckpointError::io(parent, source))?;
     }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata: HashMap<String, String> = extra.clone().into_iter().collect();
+    metadata.insert("format".to_string(), "pt".to_string());
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(source) => CheckpointError::io(path, source),
         other => CheckpointError::Invalid {

@@ -2,17 +2,18 @@
 //! names with the base model's configs, written in the requested formats, and the
 //! sample images rendered at a checkpoint.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use dreambooth_api::spec::{ModelFormat, Precision, Samples};
 use image::RgbImage;
 
 use crate::checkpoint::{
-    CheckpointError, Component, LoadedModel, save_diffusers_folder, save_single_file,
-    var_store_tensors,
+    CheckpointError, Component, LoadedModel, SdVersion, save_diffusers_folder,
+    save_single_file_with_metadata, var_store_tensors,
 };
 use crate::pipeline::{ModelVarStores, Models, PipelineError, SampleRequest, generate, to_rgb8};
-use crate::schedulers::{Sampler, SchedulerConfig};
+use crate::schedulers::{PredictionType, Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 
 /// The pipeline as it is now: the trained weights (shared with the VarStores, not
@@ -44,13 +45,14 @@ pub fn write_model(
     stem: &str,
     formats: &[ModelFormat],
     precision: Precision,
+    metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, CheckpointError> {
     let mut written = Vec::new();
     for format in formats {
         match format {
             ModelFormat::Safetensors => {
                 let name = format!("{stem}.safetensors");
-                save_single_file(model, &dir.join(&name), precision)?;
+                save_single_file_with_metadata(model, &dir.join(&name), precision, metadata)?;
                 written.push(name);
             }
             ModelFormat::Diffusers => {
@@ -66,6 +68,57 @@ pub fn write_model(
         }
     }
     Ok(written)
+}
+
+/// What a trained file says about itself in its safetensors header: Stability's
+/// `modelspec.*` keys (shown by AUTOMATIC1111 and ComfyUI) and our own `dreambooth.*`.
+pub struct ModelDescription<'a> {
+    pub session: &'a str,
+    pub base_model: &'a str,
+    pub token: Option<&'a str>,
+    pub steps: u32,
+    pub resolution: u32,
+    pub seed: u64,
+    pub created_at: String,
+}
+
+impl ModelDescription<'_> {
+    pub fn metadata(&self, model: &LoadedModel) -> BTreeMap<String, String> {
+        let architecture = match (model.version, model.prediction_type) {
+            (SdVersion::Sd1, _) => "stable-diffusion-v1",
+            (SdVersion::Sd2, PredictionType::VPrediction) => "stable-diffusion-v2-768-v",
+            (SdVersion::Sd2, _) => "stable-diffusion-v2-512",
+        };
+        let mut metadata = BTreeMap::from([
+            ("modelspec.sai_model_spec".to_owned(), "1.0.0".to_owned()),
+            ("modelspec.architecture".to_owned(), architecture.to_owned()),
+            (
+                "modelspec.implementation".to_owned(),
+                "https://github.com/Stability-AI/generative-models".to_owned(),
+            ),
+            ("modelspec.title".to_owned(), self.session.to_owned()),
+            (
+                "modelspec.resolution".to_owned(),
+                format!("{0}x{0}", self.resolution),
+            ),
+            ("modelspec.date".to_owned(), self.created_at.clone()),
+            ("dreambooth.session".to_owned(), self.session.to_owned()),
+            (
+                "dreambooth.base_model".to_owned(),
+                self.base_model.to_owned(),
+            ),
+            ("dreambooth.steps".to_owned(), self.steps.to_string()),
+            (
+                "dreambooth.resolution".to_owned(),
+                self.resolution.to_string(),
+            ),
+            ("dreambooth.seed".to_owned(), self.seed.to_string()),
+        ]);
+        if let Some(token) = self.token {
+            metadata.insert("dreambooth.token".to_owned(), token.to_owned());
+        }
+        metadata
+    }
 }
 
 /// What rendering sample images needs besides the networks.

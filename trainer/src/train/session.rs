@@ -22,7 +22,7 @@ use super::trainer::{LoopSettings, Trainer};
 use crate::checkpoint::{LoadedModel, load_pipeline_weights};
 use crate::data::{self, InstanceImage, PreparedDataset};
 use crate::export::manifest::rfc3339_utc;
-use crate::export::model::{SampleRenderer, snapshot, write_model};
+use crate::export::model::{ModelDescription, SampleRenderer, snapshot, write_model};
 use crate::export::{
     MANIFEST_FILE, OutputWriter, checkpoint_key, load_manifest, model_key, state_prefix,
     state_steps, write_samples,
@@ -209,12 +209,14 @@ pub fn run_session(
     snapshot_progress.stage = Stage::Exporting;
     progress(&snapshot_progress);
     let model = snapshot(&base, &trainer.stores);
+    let metadata = describe(session, total, seed).metadata(&model);
     let names = write_model(
         &model,
         scratch.path(),
         &session.name,
         &spec.checkpoints.formats,
         spec.checkpoints.precision,
+        &metadata,
     )
     .map_err(|e| SessionError::Internal(e.to_string()))?;
     for name in &names {
@@ -476,12 +478,14 @@ fn write_checkpoint(
     let spec = &session.spec;
     let model = snapshot(base, &trainer.stores);
     let stem = format!("{}_step_{step}", session.name);
+    let metadata = describe(session, step, trainer.settings.seed).metadata(&model);
     let names = write_model(
         &model,
         scratch,
         &stem,
         &[dreambooth_api::spec::ModelFormat::Safetensors],
         spec.checkpoints.precision,
+        &metadata,
     )
     .map_err(|e| SessionError::Internal(e.to_string()))?;
     for name in names {
@@ -597,6 +601,18 @@ fn resolved_config(session: &Session, resolved: &ResolvedTraining, seed: u64) ->
     spec.training.text_encoder.learning_rate = Some(resolved.text_encoder_learning_rate);
     spec.training.offset_noise = Some(resolved.offset_noise);
     serde_json::json!({ "name": session.name, "spec": spec })
+}
+
+fn describe(session: &Session, steps: u32, seed: u64) -> ModelDescription<'_> {
+    ModelDescription {
+        session: &session.name,
+        base_model: session.spec.base_model.uri.as_deref().unwrap_or("sd15"),
+        token: session.spec.dataset.token.as_deref(),
+        steps,
+        resolution: session.spec.dataset.resolution,
+        seed,
+        created_at: rfc3339_utc(std::time::SystemTime::now()),
+    }
 }
 
 fn random_seed() -> u64 {

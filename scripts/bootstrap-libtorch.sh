@@ -33,6 +33,11 @@ if [[ -z "$(have numpy)" ]]; then
   # torch warns on every start without it.
   "$VENV/bin/python" -m pip install --quiet numpy
 fi
+# The reference side of the tests that check a real client reads our files.
+if [[ "$(have diffusers)" != "0.42.1" || "$(have transformers)" != "5.24.0" ]]; then
+  echo "bootstrap: installing diffusers and transformers (reference client for tests)"
+  "$VENV/bin/python" -m pip install --quiet "diffusers==0.42.1" "transformers==5.24.0"
+fi
 if [[ -z "$(have moto)" ]]; then
   echo "bootstrap: installing moto[server] (the S3 server used by the end-to-end tests)"
   "$VENV/bin/python" -m pip install --quiet "moto[server]"

@@ -141,6 +141,38 @@ fn convert_round_trips_bit_for_bit_in_fp32() {
 }
 
 #[test]
+fn convert_writes_a_ckpt_that_reads_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("sd1");
+    let ckpt = dir.path().join("sd1.ckpt");
+    assert!(trainer(&["tiny-model", "--out", path(&folder)]).0);
+    let (ok, stderr) = trainer(&[
+        "convert",
+        "--input",
+        path(&folder),
+        "--output",
+        path(&ckpt),
+        "--precision",
+        "fp32",
+    ]);
+    assert!(ok, "{stderr}");
+    let (original, reread) = (
+        load_pipeline_weights(&folder).unwrap(),
+        load_pipeline_weights(&ckpt).unwrap(),
+    );
+    for (key, tensor) in &original.unet.tensors {
+        assert!(
+            tensor.equal(&reread.unet.tensors[key]),
+            "unet {key} changed"
+        );
+    }
+    assert_eq!(
+        original.text_encoder.tensors.len(),
+        reread.text_encoder.tensors.len()
+    );
+}
+
+#[test]
 fn convert_names_a_missing_input() {
     let (ok, stderr) = trainer(&[
         "convert",

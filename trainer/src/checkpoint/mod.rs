@@ -6,6 +6,7 @@
 //! [`fill_var_store`] moves the tensors into their VarStores.
 
 mod ckpt;
+mod ckpt_writer;
 mod diffusers_folder;
 mod key_rules;
 mod pickle;
@@ -351,6 +352,23 @@ pub fn save_single_file_with_metadata(
     precision: Precision,
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), CheckpointError> {
+    let tensors = original_layout(model)?;
+    write_safetensors_with_metadata(path, &tensors, precision, metadata)
+}
+
+/// Writes the model as a `torch.save` `.ckpt` (`{"state_dict": ...}`) in the original
+/// SD layout, for tools that predate safetensors.
+pub fn save_ckpt(
+    model: &LoadedModel,
+    path: &Path,
+    precision: Precision,
+) -> Result<(), CheckpointError> {
+    let tensors = original_layout(model)?;
+    ckpt_writer::write_ckpt(path, &tensors, precision)
+}
+
+/// The model's tensors under original SD names (shared, not copied).
+fn original_layout(model: &LoadedModel) -> Result<Tensors, CheckpointError> {
     let configs = Configs {
         unet: model.unet.config.clone(),
         vae: model.vae.config.clone(),
@@ -369,12 +387,11 @@ pub fn save_single_file_with_metadata(
         vae: view(&model.vae.tensors),
         text_encoder: view(&model.text_encoder.tensors),
     };
-    let tensors = single_file::to_original(components, &layouts, &model.source)?;
-    write_safetensors_with_metadata(path, &tensors, precision, metadata)
+    single_file::to_original(components, &layouts, &model.source)
 }
 
 /// Converts between forms: `output` ending in `.safetensors` gets a single file,
-/// anything else a diffusers folder. `.ckpt` output is not written.
+/// `.ckpt` a pickle checkpoint, anything else a diffusers folder.
 pub fn convert(
     input: &Path,
     output: &Path,
@@ -389,10 +406,11 @@ pub fn convert(
         .to_ascii_lowercase();
     match extension.as_str() {
         "safetensors" => save_single_file(&model, output, precision)?,
-        "ckpt" | "pt" | "pth" | "bin" => {
+        "ckpt" => save_ckpt(&model, output, precision)?,
+        "pt" | "pth" | "bin" => {
             return Err(CheckpointError::invalid(
                 output,
-                "writing pickle checkpoints is not supported; use .safetensors",
+                "write a .ckpt, a .safetensors or a folder",
             ));
         }
         _ => save_diffusers_folder(&model, output, precision)?,

@@ -9,7 +9,7 @@ use dreambooth_api::spec::{ModelFormat, Precision, Samples};
 use image::RgbImage;
 
 use crate::checkpoint::{
-    CheckpointError, Component, LoadedModel, SdVersion, save_diffusers_folder,
+    CheckpointError, Component, LoadedModel, SdVersion, save_ckpt, save_diffusers_folder,
     save_single_file_with_metadata, var_store_tensors,
 };
 use crate::pipeline::{ModelVarStores, Models, PipelineError, SampleRequest, generate, to_rgb8};
@@ -60,10 +60,9 @@ pub fn write_model(
                 written.push(stem.to_owned());
             }
             ModelFormat::Ckpt => {
-                return Err(CheckpointError::invalid(
-                    &dir.join(format!("{stem}.ckpt")),
-                    "writing .ckpt is not supported yet; use safetensors",
-                ));
+                let name = format!("{stem}.ckpt");
+                save_ckpt(model, &dir.join(&name), precision)?;
+                written.push(name);
             }
         }
     }

@@ -325,6 +325,48 @@ fn read_merges(path: &Path) -> Result<Merges, TokenizerError> {
     Ok(merges)
 }
 
+/// CLIP's BPE vocabulary (49408 tokens), the same for SD 1.x and 2.x, embedded so that a
+/// single-file model (which carries no tokenizer) can still be trained and sampled. The
+/// fixture script writes these files from open-clip's `bpe_simple_vocab_16e6.txt.gz`.
+const BUNDLED_VOCAB: &str = include_str!("../tests/fixtures/clip-vocab/vocab.json");
+const BUNDLED_MERGES: &str = include_str!("../tests/fixtures/clip-vocab/merges.txt");
+
+/// A tokenizer folder holding the bundled vocabulary, written once under the temp dir.
+/// SD 2.x pads with `!` where SD 1.x pads with the end-of-text token.
+pub fn bundled_tokenizer_dir(pad_with_exclamation: bool) -> std::io::Result<std::path::PathBuf> {
+    let name = if pad_with_exclamation { "sd2" } else { "sd1" };
+    let dir = std::env::temp_dir().join(format!(
+        "dreambooth-clip-tokenizer-{name}-{}",
+        BUNDLED_VOCAB.len()
+    ));
+    let pad = if pad_with_exclamation {
+        "!"
+    } else {
+        "<|endoftext|>"
+    };
+    let config = serde_json::json!({
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": CLIP_MAX_LENGTH,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    });
+    if !dir.join("tokenizer_config.json").exists() {
+        // Written to a private folder and renamed, so concurrent runs never see half a file.
+        let staging = std::env::temp_dir().join(format!(".{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&staging)?;
+        std::fs::write(staging.join("vocab.json"), BUNDLED_VOCAB)?;
+        std::fs::write(staging.join("merges.txt"), BUNDLED_MERGES)?;
+        std::fs::write(staging.join("tokenizer_config.json"), config.to_string())?;
+        if std::fs::rename(&staging, &dir).is_err() {
+            // Another process got there first.
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+    }
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,11 @@
 //! folders with their name variants, and the diffusers → single file → diffusers round
 //! trip on the tiny reference models.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+mod common;
+
+use common::{assert_mentions, assert_same, fixture};
 use dreambooth_api::spec::Precision;
 use dreambooth_trainer::checkpoint::{
     CheckpointError, LoadOptions, SdVersion, SourceKind, Tensors, fill_var_store,
@@ -14,12 +17,6 @@ use dreambooth_trainer::models::clip::{ClipTextConfig, clip_text_model};
 use dreambooth_trainer::models::{UNetConfig, VaeConfig, autoencoder_kl, unet};
 use dreambooth_trainer::schedulers::PredictionType;
 use tch::{Device, Kind, Tensor, nn};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn small() -> Tensors {
     Tensors::from([
@@ -32,18 +29,6 @@ fn small() -> Tensors {
             Tensor::from_slice(&[1.5f32, -1.5]),
         ),
     ])
-}
-
-fn assert_same(a: &Tensors, b: &Tensors, what: &str) {
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "{what}: names differ"
-    );
-    for (name, tensor) in a {
-        assert_eq!(tensor.kind(), b[name].kind(), "{what}: {name} kind");
-        assert!(tensor.equal(&b[name]), "{what}: {name} differs");
-    }
 }
 
 #[test]
@@ -72,10 +57,7 @@ fn truncated_safetensors_error_names_the_file() {
     let err = read_safetensors(&path).unwrap_err();
     assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err:?}");
     let message = err.to_string();
-    assert!(
-        message.contains("cut.safetensors") && message.contains("truncated"),
-        "{message}"
-    );
+    assert_mentions(&message, &["cut.safetensors", "truncated"]);
 
     std::fs::write(&path, b"\x05").unwrap();
     let message = read_safetensors(&path).unwrap_err().to_string();
@@ -258,9 +240,9 @@ fn fp16_variant_is_used_when_the_plain_file_is_missing() {
 
     std::fs::remove_file(unet_dir.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
     let message = read_diffusers_folder(dir.path()).unwrap_err().to_string();
-    assert!(
-        message.contains("unet") && message.contains("diffusion_pytorch_model.fp16.safetensors"),
-        "{message}"
+    assert_mentions(
+        &message,
+        &["unet", "diffusion_pytorch_model.fp16.safetensors"],
     );
 }
 

@@ -4,8 +4,11 @@
 //! and compared with the reference's own files when the fixtures hold them.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+mod common;
+
+use common::{assert_mentions, assert_same, fixture};
 use dreambooth_api::spec::Precision;
 use dreambooth_trainer::checkpoint::{
     CheckpointError, LoadOptions, SdVersion, SourceKind, Tensors, load_pipeline_weights,
@@ -13,12 +16,6 @@ use dreambooth_trainer::checkpoint::{
 };
 use dreambooth_trainer::schedulers::PredictionType;
 use tch::{Kind, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// A pickle written by hand, protocol 2 as torch.save uses.
 #[derive(Default)]
@@ -206,10 +203,7 @@ fn views_reaching_past_their_storage_are_refused() {
         .op(b"u.");
     write_ckpt(&path, &p.0, &[("0", vec![0; 16])]);
     let message = read_ckpt(&path).unwrap_err().to_string();
-    assert!(
-        message.contains("overrun.ckpt") && message.contains("past its storage"),
-        "{message}"
-    );
+    assert_mentions(&message, &["overrun.ckpt", "past its storage"]);
 }
 
 #[test]
@@ -229,10 +223,7 @@ fn forbidden_globals_are_refused_by_name() {
         "{err:?}"
     );
     let message = err.to_string();
-    assert!(
-        message.contains("evil.ckpt") && message.contains("`os.system`"),
-        "{message}"
-    );
+    assert_mentions(&message, &["evil.ckpt", "`os.system`"]);
 
     let mut p = Pickle::default();
     p.op(&[0x80, 4]).op(b"\x8c\x08builtins\x8c\x04eval\x93.");
@@ -247,17 +238,11 @@ fn unknown_opcodes_and_non_zip_files_are_errors_naming_the_file() {
     let path = dir.path().join("odd.ckpt");
     write_ckpt(&path, &[0x80, 2, b'i'], &[]);
     let message = read_ckpt(&path).unwrap_err().to_string();
-    assert!(
-        message.contains("odd.ckpt") && message.contains("0x69"),
-        "{message}"
-    );
+    assert_mentions(&message, &["odd.ckpt", "0x69"]);
 
     std::fs::write(&path, b"\x80\x02not a zip").unwrap();
     let message = read_ckpt(&path).unwrap_err().to_string();
-    assert!(
-        message.contains("odd.ckpt") && message.contains("zip"),
-        "{message}"
-    );
+    assert_mentions(&message, &["odd.ckpt", "zip"]);
 }
 
 /// An SD 2.x ckpt at Lightning step 875000 is the 512 base model: epsilon, as diffusers decides.
@@ -273,11 +258,7 @@ fn sd2_ckpt_reads_like_its_single_file_and_step_875000_means_epsilon() {
     save_state_dict(&ckpt, &tensors, Some(875_000));
     let checkpoint = read_ckpt(&ckpt).unwrap();
     assert_eq!(checkpoint.global_step, Some(875_000));
-    assert_eq!(
-        checkpoint.tensors.keys().collect::<Vec<_>>(),
-        tensors.keys().collect::<Vec<_>>()
-    );
-    assert!(checkpoint.tensors.iter().all(|(k, t)| t.equal(&tensors[k])));
+    assert_same(&checkpoint.tensors, &tensors, "sd2.ckpt");
 
     let loaded = load_pipeline_weights(&ckpt).unwrap();
     assert_eq!(
@@ -354,8 +335,5 @@ fn reference_forbidden_ckpt_is_refused() {
         "{err:?}"
     );
     let message = err.to_string();
-    assert!(
-        message.contains("forbidden.ckpt") && message.contains("`__builtin__.print`"),
-        "{message}"
-    );
+    assert_mentions(&message, &["forbidden.ckpt", "`__builtin__.print`"]);
 }

@@ -3,26 +3,12 @@
 //! with a `position_ids` buffer) fixtures: hidden states, pooled output and gradients.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{fixtures, max_abs_diff, read_tensors};
 use dreambooth_trainer::models::clip::{ClipTextConfig, ClipTextModel, clip_text_model};
 use tch::{Device, Kind, Tensor, nn};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
 
 /// Builds the tiny text encoder and copies the checkpoint in, accepting both key layouts.
 fn load(model: &str) -> (nn::VarStore, ClipTextModel) {
@@ -30,7 +16,7 @@ fn load(model: &str) -> (nn::VarStore, ClipTextModel) {
     let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
     let mut vs = nn::VarStore::new(Device::Cpu);
     let text = clip_text_model(vs.root(), &cfg);
-    let mut file = read(&dir.join("model.safetensors"));
+    let mut file = read_tensors(&dir.join("model.safetensors"));
     file.retain(|k, _| !k.ends_with("position_ids"));
     let file: HashMap<String, Tensor> = file
         .into_iter()
@@ -70,15 +56,15 @@ fn load(model: &str) -> (nn::VarStore, ClipTextModel) {
 
 fn forward_matches(model: &str) {
     let (_vs, text) = load(model);
-    let reference = read(
+    let reference = read_tensors(
         &fixtures()
             .join("parity")
             .join(model)
             .join("text_encoder.safetensors"),
     );
     let out = tch::no_grad(|| text.forward(&reference["input_ids"]));
-    let hidden = max_abs(&out.last_hidden_state, &reference["last_hidden_state"]);
-    let pooled = max_abs(&out.pooled_output, &reference["pooled_output"]);
+    let hidden = max_abs_diff(&out.last_hidden_state, &reference["last_hidden_state"]);
+    let pooled = max_abs_diff(&out.pooled_output, &reference["pooled_output"]);
     eprintln!(
         "{model}: text encoder max abs error: last_hidden_state {hidden:.3e}, pooled {pooled:.3e}"
     );
@@ -87,7 +73,7 @@ fn forward_matches(model: &str) {
 
 fn gradients_match(model: &str) {
     let (vs, text) = load(model);
-    let reference = read(
+    let reference = read_tensors(
         &fixtures()
             .join("parity")
             .join(model)
@@ -97,7 +83,7 @@ fn gradients_match(model: &str) {
     let loss = out
         .last_hidden_state
         .mse_loss(&reference["text_target"], tch::Reduction::Mean);
-    let loss_err = max_abs(&loss.reshape([1]), &reference["text_loss"]);
+    let loss_err = max_abs_diff(&loss.reshape([1]), &reference["text_loss"]);
     loss.backward();
     let vars = vs.variables();
     let mut checked = 0;
@@ -110,7 +96,7 @@ fn gradients_match(model: &str) {
         } else {
             format!("text_model.{name}")
         };
-        let err = max_abs(&vars[&name].grad(), expected);
+        let err = max_abs_diff(&vars[&name].grad(), expected);
         eprintln!("{model}: grad {name}: max abs error {err:.3e}");
         assert!(err <= 1e-4, "{name}: {err}");
         checked += 1;

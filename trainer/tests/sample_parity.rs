@@ -2,10 +2,11 @@
 //! same prompt embeddings, same seeded initial latents, and with every sampler (10 steps,
 //! guidance 7.5, a negative prompt) the same image to within 1/255 on average.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+mod common;
+
+use common::{fixtures, max_abs_diff, read_tensors};
 use dreambooth_trainer::checkpoint::load_pipeline_weights;
 use dreambooth_trainer::pipeline::{Models, SampleRequest, encode_prompts, generate, to_rgb8};
 use dreambooth_trainer::schedulers::{Sampler, SchedulerConfig};
@@ -18,22 +19,6 @@ static RNG: Mutex<()> = Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
 }
 
 struct Fixture {
@@ -71,7 +56,7 @@ fn samples_match(model: &str) {
     let _lock = rng_lock();
     let fx = load(model);
     let parity = fixtures().join("parity").join(model);
-    let inputs = read(&parity.join("sample_inputs.safetensors"));
+    let inputs = read_tensors(&parity.join("sample_inputs.safetensors"));
     let embeds = tch::no_grad(|| {
         encode_prompts(
             &fx.models,
@@ -80,8 +65,9 @@ fn samples_match(model: &str) {
         )
     })
     .unwrap();
-    let embed_err = max_abs(&embeds.get(0), &inputs["negative_prompt_embeds"].get(0))
-        .max(max_abs(&embeds.get(1), &inputs["prompt_embeds"].get(0)));
+    let embed_err = max_abs_diff(&embeds.get(0), &inputs["negative_prompt_embeds"].get(0)).max(
+        max_abs_diff(&embeds.get(1), &inputs["prompt_embeds"].get(0)),
+    );
     eprintln!("{model}: prompt embeddings max abs error {embed_err:.3e}");
     assert!(embed_err <= 1e-4);
 
@@ -91,7 +77,7 @@ fn samples_match(model: &str) {
         ("euler_a", Sampler::EulerAncestral),
         ("dpmpp_2m_karras", Sampler::DpmPp2mKarras),
     ] {
-        let reference = read(&parity.join(format!("sample_{name}.safetensors")));
+        let reference = read_tensors(&parity.join(format!("sample_{name}.safetensors")));
         let mut scheduler = sampler.scheduler(&fx.scheduler);
         tch::manual_seed(1234);
         let initial = Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu));
@@ -105,7 +91,7 @@ fn samples_match(model: &str) {
             .abs()
             .mean(Kind::Float)
             .double_value(&[]);
-        let max = max_abs(&image, expected);
+        let max = max_abs_diff(&image, expected);
         eprintln!(
             "{model} {name}: image mean abs diff {mean:.3e} ({:.4}/255), max {max:.3e}",
             mean * 255.0

@@ -77,3 +77,29 @@ fn sd2_pads_with_its_own_pad_token() {
     let end = ids.iter().position(|&i| i == sd2.eos_id()).unwrap();
     assert!(ids[end + 1..].iter().all(|&i| i == sd2.pad_id()));
 }
+
+#[test]
+fn the_bundled_vocabulary_tokenizes_like_transformers() {
+    let path = fixtures().join("tokenizer_parity.json");
+    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let sd1 = ClipTokenizer::from_dir(
+        dreambooth_trainer::tokenizer::bundled_tokenizer_dir(false).unwrap(),
+    )
+    .unwrap();
+    let sd2 = ClipTokenizer::from_dir(
+        dreambooth_trainer::tokenizer::bundled_tokenizer_dir(true).unwrap(),
+    )
+    .unwrap();
+    let real: Vec<&Case> = cases.iter().filter(|c| c.vocab == "clip-vocab").collect();
+    assert!(real.len() >= 10);
+    for case in real {
+        assert_eq!(
+            sd1.encode(&case.prompt).unwrap(),
+            case.input_ids,
+            "{:?}",
+            case.prompt
+        );
+    }
+    assert_eq!(sd1.vocab_size(), 49408);
+    assert_eq!(sd2.pad_id(), 0, "SD 2.x pads with `!`");
+}

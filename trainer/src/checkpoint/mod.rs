@@ -311,6 +311,10 @@ fn from_single_file(
             )
         }
     };
+    let tokenizer = match tokenizer {
+        Some(dir) => Some(dir),
+        None => bundled_tokenizer_for(&configs.text_encoder, version, path)?,
+    };
     let component = |tensors, config| Component {
         tensors,
         config,
@@ -388,6 +392,21 @@ fn original_layout(model: &LoadedModel) -> Result<Tensors, CheckpointError> {
         text_encoder: view(&model.text_encoder.tensors),
     };
     single_file::to_original(components, &layouts, &model.source)
+}
+
+/// CLIP's own vocabulary for a single file whose text encoder has CLIP's 49408 tokens
+/// (every real SD 1.x/2.x model); smaller test models need their own tokenizer folder.
+fn bundled_tokenizer_for(
+    text_encoder: &Value,
+    version: SdVersion,
+    path: &Path,
+) -> Result<Option<PathBuf>, CheckpointError> {
+    if text_encoder["vocab_size"].as_u64() != Some(49_408) {
+        return Ok(None);
+    }
+    crate::tokenizer::bundled_tokenizer_dir(version == SdVersion::Sd2)
+        .map(Some)
+        .map_err(|e| CheckpointError::io(path, e))
 }
 
 /// Converts between forms: `output` ending in `.safetensors` gets a single file,
@@ -476,4 +495,24 @@ pub(crate) fn default_scheduler(version: SdVersion, prediction: PredictionType) 
         "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1,
         "clip_sample": false, "trained_betas": null
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_files_with_clips_vocabulary_get_the_bundled_tokenizer() {
+        let path = Path::new("model.safetensors");
+        let real = bundled_tokenizer_for(&json!({"vocab_size": 49408}), SdVersion::Sd2, path)
+            .unwrap()
+            .unwrap();
+        assert!(real.join("vocab.json").is_file() && real.join("merges.txt").is_file());
+        let config = std::fs::read_to_string(real.join("tokenizer_config.json")).unwrap();
+        assert!(config.contains(r#""pad_token":"!""#), "{config}");
+        assert_eq!(
+            bundled_tokenizer_for(&json!({"vocab_size": 1014}), SdVersion::Sd1, path).unwrap(),
+            None
+        );
+    }
 }

@@ -92,7 +92,37 @@ pub fn write_safetensors_with_metadata(
             path: path.to_path_buf(),
             message: other.to_string(),
         },
-    })
+    })?;
+    sort_header(path)
+}
+
+/// Rewrites the JSON header with its keys sorted. The safetensors crate writes the
+/// metadata map in hash order, which differs from run to run; sorted, the same weights
+/// always give the same bytes (and sha256). Same entries, same length: done in place.
+fn sort_header(path: &Path) -> Result<(), CheckpointError> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let io = |source| CheckpointError::io(path, source);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(io)?;
+    let mut header = vec![0u8; u64::from_le_bytes(length) as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let json_end = header.iter().rposition(|&b| b == b'}').map_or(0, |i| i + 1);
+    let value: serde_json::Value = serde_json::from_slice(&header[..json_end])
+        .map_err(|e| CheckpointError::invalid(path, format!("header: {e}")))?;
+    let sorted = serde_json::to_vec(&value).expect("JSON values serialise");
+    if sorted.len() != json_end {
+        return Err(CheckpointError::invalid(
+            path,
+            "header changed length when sorted",
+        ));
+    }
+    file.seek(SeekFrom::Start(8)).map_err(io)?;
+    file.write_all(&sorted).map_err(io)
 }
 
 /// Copies `tensors` into every variable of `vs`, by name.

@@ -78,7 +78,6 @@ pub struct ModelDescription<'a> {
     pub steps: u32,
     pub resolution: u32,
     pub seed: u64,
-    pub created_at: String,
 }
 
 impl ModelDescription<'_> {
@@ -100,7 +99,6 @@ impl ModelDescription<'_> {
                 "modelspec.resolution".to_owned(),
                 format!("{0}x{0}", self.resolution),
             ),
-            ("modelspec.date".to_owned(), self.created_at.clone()),
             ("dreambooth.session".to_owned(), self.session.to_owned()),
             (
                 "dreambooth.base_model".to_owned(),

@@ -80,6 +80,31 @@ fn parse_json<T: DeserializeOwned>(text: &str) -> Result<T, (String, serde_json:
     serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.into_inner()))
 }
 
+/// A model config read from `path` and checked by `validate`; errors name the file and
+/// the field.
+fn read_validated<T: DeserializeOwned>(
+    path: &Path,
+    validate: fn(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let cfg: T = read_json(path)?;
+    validate(&cfg).map_err(|e| e.in_file(path))?;
+    Ok(cfg)
+}
+
+/// A model config parsed from JSON held in memory and checked by `validate`.
+fn parse_validated<T: DeserializeOwned>(
+    text: &str,
+    validate: fn(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let cfg: T = parse_json(text).map_err(|(field, source)| ConfigError::Parse {
+        path: PathBuf::from("<json>"),
+        field,
+        source,
+    })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
 fn ensure(ok: bool, field: &str, message: impl FnOnce() -> String) -> Result<(), ConfigError> {
     if ok {
         Ok(())
@@ -277,23 +302,14 @@ pub struct UNetBlocks {
 }
 
 impl UNetConfig {
-    /// Reads and validates `config.json`; errors name the file and the field.
+    /// Reads and validates `unet/config.json`; errors name the file and the field.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let cfg: Self = read_json(path)?;
-        cfg.validate().map_err(|e| e.in_file(path))?;
-        Ok(cfg)
+        read_validated(path.as_ref(), Self::validate)
     }
 
-    /// Parses and validates a config held in memory.
+    /// Parses and validates a UNet config held in memory.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = parse_json(text).map_err(|(field, source)| ConfigError::Parse {
-            path: PathBuf::from("<json>"),
-            field,
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        parse_validated(text, Self::validate)
     }
 
     /// The time embedding width: 4× the first block's channels unless configured.
@@ -445,23 +461,14 @@ impl Default for VaeConfig {
 }
 
 impl VaeConfig {
-    /// Reads and validates `config.json`; errors name the file and the field.
+    /// Reads and validates `vae/config.json`; errors name the file and the field.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
-        let path = path.as_ref();
-        let cfg: Self = read_json(path)?;
-        cfg.validate().map_err(|e| e.in_file(path))?;
-        Ok(cfg)
+        read_validated(path.as_ref(), Self::validate)
     }
 
-    /// Parses and validates a config held in memory.
+    /// Parses and validates a VAE config held in memory.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = parse_json(text).map_err(|(field, source)| ConfigError::Parse {
-            path: PathBuf::from("<json>"),
-            field,
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        parse_validated(text, Self::validate)
     }
 
     /// How much smaller latents are than images: one halving per down block but the last.

@@ -34,6 +34,23 @@ impl ResnetSettings {
         };
         resnet_block_2d(p, &cfg)
     }
+
+    /// A block's `resnets.{i}`: the first takes `in_channels`, every one gives `out_channels`.
+    fn stack(
+        &self,
+        p: &nn::Path,
+        num_layers: i64,
+        in_channels: i64,
+        out_channels: i64,
+    ) -> Vec<ResnetBlock2D> {
+        let resnets = p / "resnets";
+        (0..num_layers)
+            .map(|i| {
+                let cin = if i == 0 { in_channels } else { out_channels };
+                self.build(&resnets / i, cin, out_channels)
+            })
+            .collect()
+    }
 }
 
 /// What all spatial transformers of one block share.
@@ -63,6 +80,14 @@ impl TransformerSettings {
         };
         transformer_2d_model(p, &cfg)
     }
+
+    /// A block's `attentions.{i}`, all `channels` wide.
+    fn stack(&self, p: &nn::Path, num_layers: i64, channels: i64) -> Vec<Transformer2DModel> {
+        let attentions = p / "attentions";
+        (0..num_layers)
+            .map(|i| self.build(&attentions / i, channels))
+            .collect()
+    }
 }
 
 /// Channels and depth of one down block.
@@ -80,17 +105,7 @@ fn down_resnets(
     cfg: &DownBlockConfig,
     resnet: &ResnetSettings,
 ) -> Vec<ResnetBlock2D> {
-    let resnets = p / "resnets";
-    (0..cfg.num_layers)
-        .map(|i| {
-            let cin = if i == 0 {
-                cfg.in_channels
-            } else {
-                cfg.out_channels
-            };
-            resnet.build(&resnets / i, cin, cfg.out_channels)
-        })
-        .collect()
+    resnet.stack(p, cfg.num_layers, cfg.in_channels, cfg.out_channels)
 }
 
 fn downsampler(p: &nn::Path, cfg: &DownBlockConfig) -> Option<Downsample2D> {
@@ -114,12 +129,9 @@ pub fn cross_attn_down_block_2d(
     resnet: &ResnetSettings,
     transformer: &TransformerSettings,
 ) -> CrossAttnDownBlock2D {
-    let attentions = &p / "attentions";
     CrossAttnDownBlock2D {
         resnets: down_resnets(&p, cfg, resnet),
-        attentions: (0..cfg.num_layers)
-            .map(|i| transformer.build(&attentions / i, cfg.out_channels))
-            .collect(),
+        attentions: transformer.stack(&p, cfg.num_layers, cfg.out_channels),
         downsampler: downsampler(&p, cfg),
     }
 }
@@ -185,14 +197,9 @@ pub fn unet_mid_block_2d_cross_attn(
     resnet: &ResnetSettings,
     transformer: &TransformerSettings,
 ) -> UNetMidBlock2DCrossAttn {
-    let (resnets, attentions) = (&p / "resnets", &p / "attentions");
     UNetMidBlock2DCrossAttn {
-        resnets: (0..=num_layers)
-            .map(|i| resnet.build(&resnets / i, channels, channels))
-            .collect(),
-        attentions: (0..num_layers)
-            .map(|i| transformer.build(&attentions / i, channels))
-            .collect(),
+        resnets: resnet.stack(&p, num_layers + 1, channels, channels),
+        attentions: transformer.stack(&p, num_layers, channels),
     }
 }
 
@@ -238,9 +245,9 @@ fn up_resnets(p: &nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> Vec
         .collect()
 }
 
-fn upsampler(p: &nn::Path, cfg: &UpBlockConfig) -> Option<Upsample2D> {
-    cfg.add_upsample
-        .then(|| upsample_2d(p / "upsamplers" / 0, cfg.out_channels, cfg.out_channels))
+/// A block's `upsamplers.0`, when it has one.
+fn upsampler(p: &nn::Path, add_upsample: bool, channels: i64) -> Option<Upsample2D> {
+    add_upsample.then(|| upsample_2d(p / "upsamplers" / 0, channels, channels))
 }
 
 /// Pops the most recent skip connection and concatenates it on the channel axis.
@@ -265,13 +272,10 @@ pub fn cross_attn_up_block_2d(
     resnet: &ResnetSettings,
     transformer: &TransformerSettings,
 ) -> CrossAttnUpBlock2D {
-    let attentions = &p / "attentions";
     CrossAttnUpBlock2D {
         resnets: up_resnets(&p, cfg, resnet),
-        attentions: (0..cfg.num_layers)
-            .map(|i| transformer.build(&attentions / i, cfg.out_channels))
-            .collect(),
-        upsampler: upsampler(&p, cfg),
+        attentions: transformer.stack(&p, cfg.num_layers, cfg.out_channels),
+        upsampler: upsampler(&p, cfg.add_upsample, cfg.out_channels),
     }
 }
 
@@ -307,7 +311,7 @@ pub struct UpBlock2D {
 pub fn up_block_2d(p: nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> UpBlock2D {
     UpBlock2D {
         resnets: up_resnets(&p, cfg, resnet),
-        upsampler: upsampler(&p, cfg),
+        upsampler: upsampler(&p, cfg.add_upsample, cfg.out_channels),
     }
 }
 
@@ -376,16 +380,9 @@ pub fn up_decoder_block_2d(
     add_upsample: bool,
     resnet: &ResnetSettings,
 ) -> UpDecoderBlock2D {
-    let resnets = &p / "resnets";
     UpDecoderBlock2D {
-        resnets: (0..num_layers)
-            .map(|i| {
-                let cin = if i == 0 { in_channels } else { out_channels };
-                resnet.build(&resnets / i, cin, out_channels)
-            })
-            .collect(),
-        upsampler: add_upsample
-            .then(|| upsample_2d(&p / "upsamplers" / 0, out_channels, out_channels)),
+        resnets: resnet.stack(&p, num_layers, in_channels, out_channels),
+        upsampler: upsampler(&p, add_upsample, out_channels),
     }
 }
 
@@ -418,7 +415,7 @@ pub fn unet_mid_block_2d(
     add_attention: bool,
     resnet: &ResnetSettings,
 ) -> UNetMidBlock2D {
-    let (resnets, attentions) = (&p / "resnets", &p / "attentions");
+    let attentions = &p / "attentions";
     // diffusers builds this with one head as wide as the block (attention_head_dim = channels).
     let attn_cfg = AttentionConfig {
         query_dim: channels,
@@ -430,9 +427,7 @@ pub fn unet_mid_block_2d(
         spatial_norm: Some((resnet.groups, resnet.eps)),
     };
     UNetMidBlock2D {
-        resnets: (0..=num_layers)
-            .map(|i| resnet.build(&resnets / i, channels, channels))
-            .collect(),
+        resnets: resnet.stack(&p, num_layers + 1, channels, channels),
         attentions: if add_attention {
             (0..num_layers)
                 .map(|i| attention(&attentions / i, &attn_cfg))

@@ -4,7 +4,7 @@
 use tch::Tensor;
 
 use super::{
-    NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing, discrete_timesteps,
+    NoiseSource, PredictionType, Scheduler, SchedulerConfig, discrete_timesteps, training_timesteps,
 };
 
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ impl DdimScheduler {
             cfg: cfg.clone(),
             alphas_cumprod,
             final_alpha_cumprod,
-            timesteps: (0..n).rev().map(|t| t as f64).collect(),
+            timesteps: training_timesteps(n),
             num_inference_steps: n,
         }
     }
@@ -38,25 +38,12 @@ impl DdimScheduler {
 
 impl Scheduler for DdimScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
-        let n = num_inference_steps.clamp(1, self.cfg.num_train_timesteps);
-        self.num_inference_steps = n;
-        let spacing = self
-            .cfg
-            .timestep_spacing
-            .unwrap_or(TimestepSpacing::Leading);
-        self.timesteps = discrete_timesteps(&self.cfg, spacing, n);
+        (self.num_inference_steps, self.timesteps) =
+            discrete_timesteps(&self.cfg, num_inference_steps);
     }
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Tensor {
-        sample.shallow_clone()
     }
 
     fn step(
@@ -92,12 +79,7 @@ impl Scheduler for DdimScheduler {
                 model_output * sqrt_a + sample * sqrt_b,
             ),
         };
-        let pred_original = if self.cfg.clip_sample.unwrap_or(true) {
-            let r = self.cfg.clip_sample_range;
-            pred_original.clamp(-r, r)
-        } else {
-            pred_original
-        };
+        let pred_original = self.cfg.clip_predicted_original(pred_original);
         let direction = pred_epsilon * (1.0 - alpha_prod_t_prev).sqrt() as f64;
         (pred_original * alpha_prod_t_prev.sqrt() as f64 + direction).to_kind(model_output.kind())
     }

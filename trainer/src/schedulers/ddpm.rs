@@ -4,8 +4,8 @@
 use tch::{Kind, Tensor};
 
 use super::{
-    NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing, discrete_timesteps,
-    noise_like,
+    NoiseSource, PredictionType, Scheduler, SchedulerConfig, discrete_timesteps, noise_like,
+    training_timesteps,
 };
 
 #[derive(Debug)]
@@ -25,7 +25,7 @@ impl DdpmScheduler {
             cfg: cfg.clone(),
             alphas_cumprod_t: Tensor::from_slice(&alphas_cumprod),
             alphas_cumprod,
-            timesteps: (0..n).rev().map(|t| t as f64).collect(),
+            timesteps: training_timesteps(n),
         }
     }
 
@@ -101,24 +101,11 @@ impl DdpmScheduler {
 
 impl Scheduler for DdpmScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
-        let n = num_inference_steps.clamp(1, self.cfg.num_train_timesteps);
-        let spacing = self
-            .cfg
-            .timestep_spacing
-            .unwrap_or(TimestepSpacing::Leading);
-        self.timesteps = discrete_timesteps(&self.cfg, spacing, n);
+        (_, self.timesteps) = discrete_timesteps(&self.cfg, num_inference_steps);
     }
 
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Tensor {
-        sample.shallow_clone()
     }
 
     /// The posterior mean plus "fixed small" variance noise (none at t = 0).
@@ -151,12 +138,7 @@ impl Scheduler for DdpmScheduler {
             }
             PredictionType::Sample => model_output.shallow_clone(),
         };
-        let pred_original = if self.cfg.clip_sample.unwrap_or(true) {
-            let r = self.cfg.clip_sample_range;
-            pred_original.clamp(-r, r)
-        } else {
-            pred_original
-        };
+        let pred_original = self.cfg.clip_predicted_original(pred_original);
 
         let original_coeff = alpha_prod_t_prev.sqrt() * current_beta_t / beta_prod_t;
         let sample_coeff = current_alpha_t.sqrt() * beta_prod_t_prev / beta_prod_t;

@@ -150,14 +150,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.sigmas
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,

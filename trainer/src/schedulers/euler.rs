@@ -5,7 +5,7 @@ use tch::Tensor;
 
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing, index_for_timestep,
-    interp_index, karras_sigmas, linspace, round_half_even, sigma_to_t, trailing, train_sigmas,
+    interp_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, training_timesteps,
 };
 
 /// The inference timesteps and noise levels shared by Euler and Euler ancestral.
@@ -24,26 +24,8 @@ pub(super) fn euler_schedule(
     n: usize,
     karras: bool,
 ) -> SigmaSchedule {
-    let train = cfg.num_train_timesteps;
     let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-    let timesteps: Vec<f64> = match spacing {
-        TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|t| t as f32 as f64)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = train / n;
-            (0..n)
-                .rev()
-                .map(|i| (i * ratio + cfg.steps_offset) as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => trailing(train as f64, train as f64 / n as f64)
-            .into_iter()
-            .map(|t| round_half_even(t) - 1.0)
-            .collect(),
-    };
+    let timesteps = spaced_timesteps(cfg, spacing, n, |t| t as f32 as f64);
     let all = train_sigmas(alphas_cumprod);
     let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp_index(t, &all)).collect();
     let timesteps = if karras {
@@ -64,11 +46,10 @@ pub(super) fn euler_schedule(
 
 /// Every training timestep, before `set_timesteps` picks some.
 pub(super) fn training_schedule(alphas_cumprod: &[f32]) -> SigmaSchedule {
-    let n = alphas_cumprod.len();
     let mut sigmas: Vec<f32> = train_sigmas(alphas_cumprod).into_iter().rev().collect();
     sigmas.push(0.0);
     SigmaSchedule {
-        timesteps: (0..n).rev().map(|t| t as f64).collect(),
+        timesteps: training_timesteps(alphas_cumprod.len()),
         sigmas,
     }
 }
@@ -99,15 +80,17 @@ pub(super) fn predicted_original(
     }
 }
 
+/// What Euler and Euler ancestral share: the config, ᾱ, the current σ schedule and where
+/// a run is in it, and the Euler move along the ODE that both steps start with.
 #[derive(Debug, Clone)]
-pub struct EulerDiscreteScheduler {
+pub(super) struct EulerState {
     cfg: SchedulerConfig,
     alphas_cumprod: Vec<f32>,
     schedule: SigmaSchedule,
     step_index: Option<usize>,
 }
 
-impl EulerDiscreteScheduler {
+impl EulerState {
     pub fn new(cfg: &SchedulerConfig) -> Self {
         let mut alphas_cumprod = cfg.alphas_cumprod();
         if cfg.rescale_betas_zero_snr {
@@ -128,11 +111,8 @@ impl EulerDiscreteScheduler {
             .step_index
             .get_or_insert_with(|| index_for_timestep(&self.schedule.timesteps, timestep))
     }
-}
 
-impl Scheduler for EulerDiscreteScheduler {
-    fn set_timesteps(&mut self, num_inference_steps: usize) {
-        let karras = self.cfg.use_karras_sigmas.unwrap_or(false);
+    pub fn set_timesteps(&mut self, num_inference_steps: usize, karras: bool) {
         self.schedule = euler_schedule(
             &self.cfg,
             &self.alphas_cumprod,
@@ -142,22 +122,78 @@ impl Scheduler for EulerDiscreteScheduler {
         self.step_index = None;
     }
 
-    fn timesteps(&self) -> &[f64] {
+    pub fn timesteps(&self) -> &[f64] {
         &self.schedule.timesteps
     }
 
-    fn sigmas(&self) -> &[f32] {
+    pub fn sigmas(&self) -> &[f32] {
         &self.schedule.sigmas
     }
 
-    fn init_noise_sigma(&self) -> f64 {
+    pub fn init_noise_sigma(&self) -> f64 {
         euler_init_noise_sigma(&self.cfg, &self.schedule.sigmas)
     }
 
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor {
+    pub fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor {
         let i = self.index(timestep);
         let sigma = self.schedule.sigmas[i];
         sample / ((sigma * sigma + 1.0).sqrt() as f64)
+    }
+
+    /// One step from `timestep`: `advance(sample, derivative, σ, σ_next)` gets the float32
+    /// sample and dx/dσ there and returns the next sample, which comes back in the model's kind.
+    pub fn step(
+        &mut self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        advance: impl FnOnce(Tensor, Tensor, f32, f32) -> Tensor,
+    ) -> Tensor {
+        let i = self.index(timestep);
+        let (sigma, sigma_next) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
+        let sample = sample.to_kind(tch::Kind::Float);
+        let pred_original =
+            predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
+        let derivative = (&sample - pred_original) / sigma as f64;
+        let prev = advance(sample, derivative, sigma, sigma_next);
+        self.step_index = Some(i + 1);
+        prev.to_kind(model_output.kind())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EulerDiscreteScheduler {
+    state: EulerState,
+}
+
+impl EulerDiscreteScheduler {
+    pub fn new(cfg: &SchedulerConfig) -> Self {
+        Self {
+            state: EulerState::new(cfg),
+        }
+    }
+}
+
+impl Scheduler for EulerDiscreteScheduler {
+    fn set_timesteps(&mut self, num_inference_steps: usize) {
+        let karras = self.state.cfg.use_karras_sigmas.unwrap_or(false);
+        self.state.set_timesteps(num_inference_steps, karras);
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        self.state.timesteps()
+    }
+
+    fn sigmas(&self) -> &[f32] {
+        self.state.sigmas()
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.state.init_noise_sigma()
+    }
+
+    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor {
+        self.state.scale_model_input(sample, timestep)
     }
 
     fn step(
@@ -167,15 +203,14 @@ impl Scheduler for EulerDiscreteScheduler {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Tensor {
-        let i = self.index(timestep);
-        let (sigma, sigma_next) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
-        let sample = sample.to_kind(tch::Kind::Float);
-        let pred_original =
-            predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
-        let derivative = (&sample - pred_original) / sigma as f64;
-        let prev = sample + derivative * (sigma_next - sigma) as f64;
-        self.step_index = Some(i + 1);
-        prev.to_kind(model_output.kind())
+        self.state.step(
+            model_output,
+            timestep,
+            sample,
+            |sample, derivative, sigma, sigma_next| {
+                sample + derivative * (sigma_next - sigma) as f64
+            },
+        )
     }
 }
 

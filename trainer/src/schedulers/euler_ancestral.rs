@@ -3,38 +3,19 @@
 
 use tch::Tensor;
 
-use super::euler::{
-    SigmaSchedule, euler_init_noise_sigma, euler_schedule, predicted_original, training_schedule,
-};
-use super::{NoiseSource, Scheduler, SchedulerConfig, index_for_timestep, noise_like};
+use super::euler::EulerState;
+use super::{NoiseSource, Scheduler, SchedulerConfig, noise_like};
 
 #[derive(Debug, Clone)]
 pub struct EulerAncestralDiscreteScheduler {
-    cfg: SchedulerConfig,
-    alphas_cumprod: Vec<f32>,
-    schedule: SigmaSchedule,
-    step_index: Option<usize>,
+    state: EulerState,
 }
 
 impl EulerAncestralDiscreteScheduler {
     pub fn new(cfg: &SchedulerConfig) -> Self {
-        let mut alphas_cumprod = cfg.alphas_cumprod();
-        if cfg.rescale_betas_zero_snr {
-            *alphas_cumprod.last_mut().expect("training timesteps") = 2f32.powi(-24);
-        }
-        let schedule = training_schedule(&alphas_cumprod);
         Self {
-            cfg: cfg.clone(),
-            alphas_cumprod,
-            schedule,
-            step_index: None,
+            state: EulerState::new(cfg),
         }
-    }
-
-    fn index(&mut self, timestep: f64) -> usize {
-        *self
-            .step_index
-            .get_or_insert_with(|| index_for_timestep(&self.schedule.timesteps, timestep))
     }
 }
 
@@ -50,31 +31,23 @@ fn ancestral_sigmas(sigma_from: f32, sigma_to: f32) -> (f32, f32) {
 
 impl Scheduler for EulerAncestralDiscreteScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) {
-        self.schedule = euler_schedule(
-            &self.cfg,
-            &self.alphas_cumprod,
-            num_inference_steps.max(1),
-            false,
-        );
-        self.step_index = None;
+        self.state.set_timesteps(num_inference_steps, false);
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
+        self.state.timesteps()
     }
 
     fn sigmas(&self) -> &[f32] {
-        &self.schedule.sigmas
+        self.state.sigmas()
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        euler_init_noise_sigma(&self.cfg, &self.schedule.sigmas)
+        self.state.init_noise_sigma()
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor {
-        let i = self.index(timestep);
-        let sigma = self.schedule.sigmas[i];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        self.state.scale_model_input(sample, timestep)
     }
 
     /// Draws noise at every step, the last included, so the generator advances as in diffusers.
@@ -85,17 +58,16 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Tensor {
-        let i = self.index(timestep);
-        let (sigma, sigma_to) = (self.schedule.sigmas[i], self.schedule.sigmas[i + 1]);
-        let sample = sample.to_kind(tch::Kind::Float);
-        let pred_original =
-            predicted_original(self.cfg.prediction_type, model_output, &sample, sigma);
-        let (sigma_down, sigma_up) = ancestral_sigmas(sigma, sigma_to);
-        let derivative = (&sample - pred_original) / sigma as f64;
-        let prev = sample + derivative * (sigma_down - sigma) as f64;
-        let prev = prev + noise_like(noise, model_output) * sigma_up as f64;
-        self.step_index = Some(i + 1);
-        prev.to_kind(model_output.kind())
+        self.state.step(
+            model_output,
+            timestep,
+            sample,
+            |sample, derivative, sigma, sigma_to| {
+                let (sigma_down, sigma_up) = ancestral_sigmas(sigma, sigma_to);
+                let prev = sample + derivative * (sigma_down - sigma) as f64;
+                prev + noise_like(noise, model_output) * sigma_up as f64
+            },
+        )
     }
 }
 

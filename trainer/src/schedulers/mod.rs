@@ -167,6 +167,17 @@ impl SchedulerConfig {
         let alphas_cumprod = (betas.ones_like() - &betas).cumprod(0, Kind::Float);
         Vec::<f32>::try_from(&alphas_cumprod).expect("a float vector")
     }
+
+    /// A predicted x₀ clamped to ±`clip_sample_range` when `clip_sample` is on (as DDPM and
+    /// DDIM default it), unchanged otherwise.
+    fn clip_predicted_original(&self, pred_original: Tensor) -> Tensor {
+        if self.clip_sample.unwrap_or(true) {
+            let r = self.clip_sample_range;
+            pred_original.clamp(-r, r)
+        } else {
+            pred_original
+        }
+    }
 }
 
 /// Improved DDPM's cosine schedule, β capped at 0.999.
@@ -269,14 +280,21 @@ fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Integer inference timesteps by spacing, as DDPM and DDIM pick them.
-fn discrete_timesteps(cfg: &SchedulerConfig, spacing: TimestepSpacing, n: usize) -> Vec<f64> {
+/// Inference timesteps by spacing. `linspace` spacing gives fractional ones, which
+/// `on_linspace` turns into what the scheduler keeps: DDPM and DDIM round them, the Euler
+/// schedulers only cast them to float32.
+fn spaced_timesteps(
+    cfg: &SchedulerConfig,
+    spacing: TimestepSpacing,
+    n: usize,
+    on_linspace: impl Fn(f64) -> f64,
+) -> Vec<f64> {
     let train = cfg.num_train_timesteps;
     match spacing {
         TimestepSpacing::Linspace => linspace(0.0, (train - 1) as f64, n)
             .into_iter()
             .rev()
-            .map(round_half_even)
+            .map(on_linspace)
             .collect(),
         TimestepSpacing::Leading => {
             let ratio = train / n;
@@ -290,6 +308,20 @@ fn discrete_timesteps(cfg: &SchedulerConfig, spacing: TimestepSpacing, n: usize)
             .map(|t| round_half_even(t) - 1.0)
             .collect(),
     }
+}
+
+/// Integer inference timesteps, leading-spaced unless configured, as DDPM and DDIM pick
+/// them; `num_inference_steps` is clamped to the training timesteps. Returns the steps
+/// actually taken and the timesteps.
+fn discrete_timesteps(cfg: &SchedulerConfig, num_inference_steps: usize) -> (usize, Vec<f64>) {
+    let n = num_inference_steps.clamp(1, cfg.num_train_timesteps);
+    let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading);
+    (n, spaced_timesteps(cfg, spacing, n, round_half_even))
+}
+
+/// Every training timestep, last first: the schedule before `set_timesteps` picks some.
+fn training_timesteps(num_train_timesteps: usize) -> Vec<f64> {
+    (0..num_train_timesteps).rev().map(|t| t as f64).collect()
 }
 
 /// numpy's `arange(start, 0, -step)`.
@@ -351,10 +383,15 @@ pub trait Scheduler {
     fn sigmas(&self) -> &[f32] {
         &[]
     }
-    /// Scale of the initial Gaussian latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input at `timestep` (σ-scaled for the Karras-style samplers).
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Tensor;
+    /// Scale of the initial Gaussian latents: 1 for the schedulers that work in ᾱ.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input at `timestep`: σ-scaled for the Karras-style samplers, the sample
+    /// itself for the others.
+    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Tensor {
+        sample.shallow_clone()
+    }
     /// One denoising step from `timestep`: returns the previous (less noisy) sample.
     fn step(
         &mut self,
@@ -471,17 +508,19 @@ mod tests {
             steps_offset: 1,
             ..SchedulerConfig::default()
         };
+        let spaced = |spacing, n| spaced_timesteps(&cfg, spacing, n, round_half_even);
         assert_eq!(
-            discrete_timesteps(&cfg, TimestepSpacing::Leading, 10),
+            spaced(TimestepSpacing::Leading, 10),
             [901., 801., 701., 601., 501., 401., 301., 201., 101., 1.]
         );
         assert_eq!(
-            discrete_timesteps(&cfg, TimestepSpacing::Trailing, 3),
+            spaced(TimestepSpacing::Trailing, 3),
             [999., 666., 332.] // arange(1000, 0, -333.33).round() - 1
         );
+        assert_eq!(spaced(TimestepSpacing::Linspace, 4), [999., 666., 333., 0.]);
         assert_eq!(
-            discrete_timesteps(&cfg, TimestepSpacing::Linspace, 4),
-            [999., 666., 333., 0.]
+            discrete_timesteps(&cfg, 10).1,
+            spaced(TimestepSpacing::Leading, 10)
         );
     }
 

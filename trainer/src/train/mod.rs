@@ -3,6 +3,7 @@
 
 pub mod class_images;
 pub mod examples;
+pub mod loss_scale;
 pub mod lr_schedule;
 pub mod objective;
 pub mod optimizer;

@@ -59,6 +59,17 @@ impl AdamW {
         }
     }
 
+    /// Multiplies every gradient by `factor` (undoing a loss scale).
+    pub fn scale_grads(&mut self, factor: f64) {
+        let _guard = tch::no_grad_guard();
+        for (_, p) in &self.params {
+            let mut grad = p.grad();
+            if grad.defined() {
+                let _ = grad.g_mul_scalar_(factor);
+            }
+        }
+    }
+
     /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the
     /// norm before clipping (as `torch.nn.utils.clip_grad_norm_` does).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {

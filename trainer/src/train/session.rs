@@ -18,7 +18,7 @@ use super::examples::{Example, encode_example};
 use super::objective::NoiseSettings;
 use super::preemption::StopSignal;
 use super::state::{StateInfo, load_state, save_state};
-use super::trainer::{LoopSettings, Trainer};
+use super::trainer::{LoopSettings, StepPrecision, Trainer};
 use crate::checkpoint::{LoadedModel, load_pipeline_weights};
 use crate::data::{self, InstanceImage, PreparedDataset};
 use crate::export::manifest::rfc3339_utc;
@@ -143,6 +143,17 @@ pub fn run_session(
     let generated = generated_class_images(spec, &models, &renderer, storage.as_ref())?;
     let classes = class_examples(spec, &models, &tokenizer, device, &generated)?;
     let settings = loop_settings(spec, &resolved, &base, seed, device, !classes.is_empty());
+    match settings.precision {
+        StepPrecision::Bf16Autocast => {
+            crate::cuda::set_autocast_bf16(true).map_err(|e| SessionError::Config(e.to_string()))?
+        }
+        StepPrecision::Fp16Autocast => crate::cuda::set_autocast_bf16(false)
+            .map_err(|e| SessionError::Config(e.to_string()))?,
+        StepPrecision::Fp32 if spec.training.mixed_precision != MixedPrecision::No => {
+            tracing::info!("training in fp32: mixed precision applies on a GPU only");
+        }
+        StepPrecision::Fp32 => {}
+    }
     let total = settings.total_steps();
     let alphas_cumprod = scheduler_config.alphas_cumprod();
     let mut trainer = Trainer::new(
@@ -435,7 +446,11 @@ fn loop_settings(
             .filter(|_| with_classes)
             .map(|p| p.loss_weight),
         seed,
-        autocast: device.is_cuda() && spec.training.mixed_precision == MixedPrecision::Bf16,
+        precision: match (device.is_cuda(), spec.training.mixed_precision) {
+            (true, MixedPrecision::Bf16) => StepPrecision::Bf16Autocast,
+            (true, MixedPrecision::Fp16) => StepPrecision::Fp16Autocast,
+            _ => StepPrecision::Fp32,
+        },
     }
 }
 
@@ -611,7 +626,6 @@ fn describe(session: &Session, steps: u32, seed: u64) -> ModelDescription<'_> {
         steps,
         resolution: session.spec.dataset.resolution,
         seed,
-        created_at: rfc3339_utc(std::time::SystemTime::now()),
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use super::loss_scale::LossScaler;
 use super::trainer::{Phase, Trainer, restore_weights};
 
 pub const WEIGHTS_FILE: &str = "state.safetensors";
@@ -22,6 +23,9 @@ pub struct StateInfo {
     pub optimizer_steps: i64,
     pub seed: u64,
     pub total_steps: u32,
+    /// fp16 runs only: the loss scale reached, so a resumed run does not re-learn it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,7 @@ pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo,
         optimizer_steps,
         seed: trainer.settings.seed,
         total_steps: trainer.settings.total_steps(),
+        loss_scaler: trainer.loss_scaler,
     };
     let info_path = dir.join(INFO_FILE);
     let json = serde_json::to_string_pretty(&info).expect("state info serialises");
@@ -118,6 +123,9 @@ pub fn load_state(trainer: &mut Trainer, dir: &Path) -> Result<StateInfo, StateE
     restore_weights(&mut trainer.stores.text_encoder, &tensors, "text_encoder.")
         .map_err(weights_error)?;
     restore_weights(&mut trainer.stores.unet, &tensors, "unet.").map_err(weights_error)?;
+    if trainer.loss_scaler.is_some() {
+        trainer.loss_scaler = info.loss_scaler.or(trainer.loss_scaler);
+    }
     if let Some(phase) = info.phase {
         let optimizer: Vec<(String, Tensor)> = tensors
             .iter()

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 use dreambooth_api::spec::LrScheduler;
 
 use super::examples::Example;
+use super::loss_scale::LossScaler;
 use super::lr_schedule::LrSchedule;
 use super::objective::{NoiseSettings, NoisedBatch, loss, noise_batch};
 use super::optimizer::{AdamW, AdamWConfig};
@@ -38,8 +39,8 @@ pub struct LoopSettings {
     /// Prior-preservation loss weight; `None` without class images.
     pub prior_loss_weight: Option<f64>,
     pub seed: u64,
-    /// bf16 autocast on CUDA.
-    pub autocast: bool,
+    /// Autocast on CUDA, and in which dtype.
+    pub precision: StepPrecision,
 }
 
 impl LoopSettings {
@@ -70,6 +71,21 @@ impl LoopSettings {
     }
 }
 
+/// How a step computes on the GPU: fp32 master weights always, the forward pass under
+/// bf16 or fp16 autocast (fp16 with dynamic loss scaling), or plain fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPrecision {
+    Fp32,
+    Bf16Autocast,
+    Fp16Autocast,
+}
+
+impl StepPrecision {
+    fn autocast(self) -> bool {
+        self != StepPrecision::Fp32
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -77,6 +93,8 @@ pub struct StepReport {
     pub loss: f64,
     pub learning_rate: f64,
     pub grad_norm: f64,
+    /// False when fp16 gradients overflowed and the update was skipped.
+    pub applied: bool,
 }
 
 pub struct Trainer {
@@ -89,6 +107,8 @@ pub struct Trainer {
     alphas_cumprod: Tensor,
     scaling_factor: f64,
     optimizer: Option<(Phase, AdamW)>,
+    /// Only for fp16 autocast.
+    pub loss_scaler: Option<LossScaler>,
     device: Device,
 }
 
@@ -102,6 +122,7 @@ impl Trainer {
         alphas_cumprod: &[f32],
     ) -> Self {
         let device = stores.unet.device();
+        let settings_precision = settings.precision;
         let scaling_factor = models.vae.scaling_factor;
         Self {
             models,
@@ -112,6 +133,8 @@ impl Trainer {
             alphas_cumprod: Tensor::from_slice(alphas_cumprod).to_device(device),
             scaling_factor,
             optimizer: None,
+            loss_scaler: (settings_precision == StepPrecision::Fp16Autocast)
+                .then(LossScaler::default),
             device,
         }
     }
@@ -144,23 +167,34 @@ impl Trainer {
             .map(|&i| &self.instances[i])
             .chain(class_ids.iter().map(|&i| &self.classes[i]))
             .collect();
-        let loss_value = self.forward_backward(phase, &picked);
+        let loss_scale = self.loss_scaler.map_or(1.0, |s| s.scale);
+        let loss_value = self.forward_backward(phase, &picked, loss_scale);
         let learning_rate = self.settings.schedule(phase).lr_at(phase_step);
         let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
+        if loss_scale != 1.0 {
+            optimizer.scale_grads(1.0 / loss_scale);
+        }
         let grad_norm = optimizer.clip_grad_norm(1.0);
-        optimizer.step(learning_rate);
+        let applied = self
+            .loss_scaler
+            .as_mut()
+            .is_none_or(|scaler| scaler.update(grad_norm));
+        if applied {
+            optimizer.step(learning_rate);
+        }
         optimizer.zero_grad();
         StepReport {
             phase,
             loss: loss_value,
             learning_rate,
             grad_norm,
+            applied,
         }
     }
 
     /// Loss of one batch and its gradients. Latents of different sizes (aspect buckets)
     /// go through the UNet in groups, each group's loss weighted by its share.
-    fn forward_backward(&self, phase: Phase, picked: &[&Example]) -> f64 {
+    fn forward_backward(&self, phase: Phase, picked: &[&Example], loss_scale: f64) -> f64 {
         let with_prior = self
             .settings
             .prior_loss_weight
@@ -189,14 +223,14 @@ impl Trainer {
             let context = self.context(phase, &members);
             let batch: NoisedBatch =
                 noise_batch(&latents, &self.alphas_cumprod, &self.settings.noise);
-            let prediction = cuda::autocast(self.settings.autocast, || {
+            let prediction = cuda::autocast(self.settings.precision.autocast(), || {
                 self.models
                     .unet
                     .forward(&batch.noisy_latents, &batch.timesteps, &context)
             });
             let prior = with_prior.filter(|_| members.len() % 2 == 0);
             let group_loss = loss(&prediction, &batch, prior) * share;
-            group_loss.backward();
+            (&group_loss * loss_scale).backward();
             loss_sum += group_loss.double_value(&[]);
         }
         loss_sum
@@ -208,7 +242,7 @@ impl Trainer {
         match phase {
             Phase::TextEncoder => {
                 let ids = Tensor::cat(&members.iter().map(|e| &e.input_ids).collect::<Vec<_>>(), 0);
-                cuda::autocast(self.settings.autocast, || {
+                cuda::autocast(self.settings.precision.autocast(), || {
                     self.models.text_encoder.forward(&ids).last_hidden_state
                 })
             }
@@ -425,7 +459,7 @@ mod tests {
             },
             prior_loss_weight: None,
             seed: 0,
-            autocast: false,
+            precision: StepPrecision::Fp32,
         };
         assert_eq!(settings.phase_of(2), (Phase::TextEncoder, 2));
         assert_eq!(settings.phase_of(3), (Phase::Unet, 0));

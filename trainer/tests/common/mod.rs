@@ -1,5 +1,6 @@
-//! Helpers shared by the parity tests: where the fixtures are, reading them, and
-//! loading a tiny model's weights into a VarStore by diffusers name.
+//! Helpers shared by the parity and checkpoint tests: where the fixtures are, reading
+//! them, loading a tiny model's weights into a VarStore by diffusers name, and comparing
+//! tensors and error messages.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -13,6 +14,11 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")
+}
+
+/// `trainer/tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
 }
 
 /// Every tensor of a safetensors file, by name.
@@ -71,4 +77,27 @@ pub fn max_abs_diff(ours: &Tensor, reference: &Tensor) -> f64 {
         "shape of ours vs the reference"
     );
     (ours - reference).abs().max().double_value(&[])
+}
+
+/// Asserts two tensor maps hold the same names, kinds and values, bit for bit.
+pub fn assert_same(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, what: &str) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: names differ"
+    );
+    for (name, tensor) in a {
+        assert_eq!(tensor.kind(), b[name].kind(), "{what}: {name} kind");
+        assert!(tensor.equal(&b[name]), "{what}: {name} differs");
+    }
+}
+
+/// Asserts an error message names everything the user needs to act on (the file, the
+/// tensor, the offending value...).
+pub fn assert_mentions(message: &str, parts: &[&str]) {
+    let missing: Vec<&&str> = parts.iter().filter(|p| !message.contains(**p)).collect();
+    assert!(
+        missing.is_empty(),
+        "{message}\n(does not mention {missing:?})"
+    );
 }

@@ -1,5 +1,5 @@
 //! `dreambooth-trainer tiny-model`: a complete diffusers folder with tiny random weights
-//! and a small CLIP tokenizer, for tests and the demo (real weights need a download).
+//! and CLIP's tokenizer, for tests and the demo (real weights need a download).
 
 use std::path::{Path, PathBuf};
 
@@ -17,11 +17,10 @@ use crate::models::unet::unet;
 use crate::models::vae::autoencoder_kl;
 use crate::schedulers::PredictionType;
 
-/// The first 500 merges of CLIP's BPE vocabulary (1014 tokens in all).
-const TOKENIZER_VOCAB: &str = include_str!("../assets/tiny-tokenizer/vocab.json");
-const TOKENIZER_MERGES: &str = include_str!("../assets/tiny-tokenizer/merges.txt");
-const VOCAB_SIZE: i64 = 1014;
-const END_OF_TEXT: i64 = 1013;
+/// CLIP's own vocabulary, so a tiny model's single file works without a tokenizer folder
+/// exactly as a real one does (its 49408×32 token embedding is most of the weights).
+const VOCAB_SIZE: i64 = 49408;
+const END_OF_TEXT: i64 = 49407;
 
 /// Which generation the tiny model imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,23 +88,6 @@ fn text_config(variant: TinyVariant) -> ClipTextConfig {
     serde_json::from_value(config).expect("the tiny text config parses")
 }
 
-fn tokenizer_config(variant: TinyVariant) -> Value {
-    let pad = if variant == TinyVariant::Sd2 {
-        "!"
-    } else {
-        "<|endoftext|>"
-    };
-    json!({
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "do_lower_case": true,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad,
-    })
-}
-
 /// Builds the three networks with random weights from `seed` and writes the folder.
 pub fn write_tiny_model(
     out: &Path,
@@ -131,10 +113,8 @@ pub fn write_tiny_model(
     let text_vs = nn::VarStore::new(Device::Cpu);
     clip_text_model(text_vs.root(), &text);
 
-    // The tokenizer goes in through a scratch folder so it is copied like any model's.
-    let scratch = tempfile::tempdir().map_err(|e| CheckpointError::io(out, e))?;
-    let tokenizer_dir = scratch.path().join("tokenizer");
-    write_tokenizer(&tokenizer_dir, variant)?;
+    let tokenizer_dir = crate::tokenizer::bundled_tokenizer_dir(variant == TinyVariant::Sd2)
+        .map_err(|e| CheckpointError::io(out, e))?;
 
     let (version, prediction) = match variant {
         TinyVariant::Sd1 => (SdVersion::Sd1, PredictionType::Epsilon),
@@ -157,18 +137,4 @@ pub fn write_tiny_model(
         tokenizer: Some(tokenizer_dir),
     };
     save_diffusers_folder(&model, out, Precision::Fp32)
-}
-
-fn write_tokenizer(dir: &Path, variant: TinyVariant) -> Result<(), CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
-    let config = serde_json::to_string_pretty(&tokenizer_config(variant)).expect("JSON serialises");
-    for (name, text) in [
-        ("vocab.json", TOKENIZER_VOCAB),
-        ("merges.txt", TOKENIZER_MERGES),
-        ("tokenizer_config.json", config.as_str()),
-    ] {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| CheckpointError::io(&path, e))?;
-    }
-    Ok(())
 }

@@ -305,3 +305,29 @@ fn missing_class_images_are_generated_once_and_listed() {
         first
     );
 }
+
+#[test]
+fn continued_training_starts_from_an_earlier_model_without_retraining_the_text_encoder() {
+    let ws = Workspace::new();
+    let first = ws.session("first", "first", TRAINING);
+    train(&first);
+    // The new session's base model is the first one's single file.
+    let second = ws.session(
+        "second",
+        "second",
+        "training:\n  unet:\n    steps: 3\n  seed: 2\n",
+    );
+    let text = std::fs::read_to_string(&second).unwrap().replace(
+        &format!("file://{}\n", p(&ws.path("model"))),
+        &format!("file://{}\n", p(&ws.path("first/first.safetensors"))),
+    );
+    std::fs::write(&second, text).unwrap();
+    let log = train(&second);
+    assert!(log.contains("continuing session `first`"), "{log}");
+    let manifest = manifest(&ws.path("second"));
+    assert_eq!(manifest.total_steps, 3, "text encoder steps default to 0");
+    assert_eq!(
+        manifest.config["spec"]["training"]["textEncoder"]["steps"],
+        0
+    );
+}

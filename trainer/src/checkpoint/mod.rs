@@ -28,7 +28,7 @@ use single_file::{Components, Layouts, TextLayout};
 pub use ckpt::{Checkpoint, read_ckpt};
 pub use diffusers_folder::{read_diffusers_folder, save_diffusers_folder};
 pub use safetensors::{
-    fill_var_store, precision_kind, read_safetensors, write_safetensors,
+    fill_var_store, precision_kind, read_safetensors, read_safetensors_metadata, write_safetensors,
     write_safetensors_with_metadata,
 };
 

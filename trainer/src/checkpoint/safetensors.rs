@@ -96,6 +96,34 @@ pub fn write_safetensors_with_metadata(
     sort_header(path)
 }
 
+/// The `__metadata__` of a `.safetensors` file's header (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
+    use std::io::Read;
+    let io = |source| CheckpointError::io(path, source);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(io)?;
+    let length = u64::from_le_bytes(length);
+    if length > 100 << 20 {
+        return Err(CheckpointError::invalid(
+            path,
+            format!("header of {length} bytes is not plausible"),
+        ));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let value: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| CheckpointError::invalid(path, format!("header: {e}")))?;
+    Ok(value["__metadata__"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Rewrites the JSON header with its keys sorted. The safetensors crate writes the
 /// metadata map in hash order, which differs from run to run; sorted, the same weights
 /// always give the same bytes (and sha256). Same entries, same length: done in place.

@@ -107,7 +107,8 @@ pub fn run_session(
     for warning in &prepared.report.warnings {
         tracing::warn!("dataset: {warning}");
     }
-    let resolved = dreambooth_api::resolve(&spec.training, Some(prepared.images.len()))
+    let training = continued_training(&spec.training, &base);
+    let resolved = dreambooth_api::resolve(&training, Some(prepared.images.len()))
         .map_err(|e| SessionError::Config(e.to_string()))?;
     let seed = spec.training.seed.unwrap_or_else(random_seed);
     let tokenizer_dir = base.tokenizer.clone().ok_or_else(|| {
@@ -153,6 +154,13 @@ pub fn run_session(
             tracing::info!("training in fp32: mixed precision applies on a GPU only");
         }
         StepPrecision::Fp32 => {}
+    }
+    if spec.training.gradient_checkpointing
+        == dreambooth_api::spec::GradientCheckpointing::Forced(true)
+    {
+        tracing::warn!(
+            "spec.training.gradientCheckpointing: not available in this build yet; training without it"
+        );
     }
     let total = settings.total_steps();
     let alphas_cumprod = scheduler_config.alphas_cumprod();
@@ -258,6 +266,24 @@ pub fn run_session(
         manifest_uri,
         model_uri: writer.storage().uri(&model_key(&session.name)),
     })
+}
+
+/// "Continue training": a base model that is an earlier session's output (its header
+/// says so) already has a trained text encoder, so its steps default to 0 (as the
+/// fast-DreamBooth guide advises) unless the spec sets them.
+fn continued_training(
+    training: &dreambooth_api::spec::Training,
+    base: &LoadedModel,
+) -> dreambooth_api::spec::Training {
+    let mut training = training.clone();
+    let earlier_session = crate::checkpoint::read_safetensors_metadata(&base.source)
+        .ok()
+        .and_then(|metadata| metadata.get("dreambooth.session").cloned());
+    if let (Some(session), None) = (earlier_session, training.text_encoder.steps) {
+        tracing::info!("continuing session `{session}`: text encoder steps default to 0");
+        training.text_encoder.steps = Some(dreambooth_api::spec::Steps::Count(0));
+    }
+    training
 }
 
 /// A manifest in the output prefix means an earlier run finished: a rerun (a Job retried

@@ -289,11 +289,11 @@ pub fn run_sample(args: &SampleArgs) -> Result<(), PipelineError> {
                 message: e.to_string(),
             }
         })?;
+    let sample_size = UNetConfig::from_json(&loaded.unet.config.to_string())?.sample_size;
     let (models, _stores) = Models::load(&loaded, Device::cuda_if_available())?;
-    let native = UNetConfig::from_json(&loaded.unet.config.to_string())?
-        .sample_size
-        .unwrap_or(64)
-        * models.vae.downscale_factor();
+    // The networks hold their own copy now; keeping the file's would double peak memory.
+    drop(loaded);
+    let native = sample_size.unwrap_or(64) * models.vae.downscale_factor();
     let request = SampleRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),

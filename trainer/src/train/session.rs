@@ -100,7 +100,7 @@ pub fn run_session(
     };
     progress(&snapshot_progress);
 
-    let base = load_base_model(spec.base_model.effective_uri().as_str())?;
+    let mut base = load_base_model(spec.base_model.effective_uri().as_str())?;
     let dataset_dir = local_folder(&spec.dataset.uri, "spec.dataset.uri")?;
     let prepared = data::prepare(&dataset_dir, &spec.dataset)
         .map_err(|e| SessionError::Data(e.to_string()))?;
@@ -122,6 +122,10 @@ pub fn run_session(
     let device = options.device;
     let (models, stores) =
         Models::load(&base, device).map_err(|e| SessionError::Config(e.to_string()))?;
+    // The networks hold their own copy; from here on `base` only lends its configs.
+    for component in [&mut base.unet, &mut base.text_encoder, &mut base.vae] {
+        component.tensors.clear();
+    }
 
     let scheduler_config: SchedulerConfig = serde_json::from_value(base.scheduler.clone())
         .map_err(|e| SessionError::Config(format!("scheduler config: {e}")))?;

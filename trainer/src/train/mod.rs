@@ -8,6 +8,7 @@ pub mod lr_schedule;
 pub mod objective;
 pub mod optimizer;
 pub mod preemption;
+mod run_settings;
 pub mod session;
 pub mod state;
 pub mod trainer;

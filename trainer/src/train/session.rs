@@ -104,7 +104,7 @@ pub fn run_session(
     progress(&snapshot_progress);
 
     let mut base = load_base_model(spec.base_model.effective_uri().as_str())?;
-    let dataset_dir = local_folder(&spec.dataset.uri, "spec.dataset.uri")?;
+    let dataset_dir = local_path(&spec.dataset.uri, "spec.dataset.uri")?;
     let prepared = data::prepare(&dataset_dir, &spec.dataset)
         .map_err(|e| SessionError::Data(e.to_string()))?;
     for warning in &prepared.report.warnings {
@@ -318,10 +318,6 @@ fn local_path(uri: &str, field: &str) -> Result<PathBuf, SessionError> {
     }
 }
 
-fn local_folder(uri: &str, field: &str) -> Result<PathBuf, SessionError> {
-    local_path(uri, field)
-}
-
 fn encode_examples(
     models: &Models,
     tokenizer: &ClipTokenizer,
@@ -393,7 +389,7 @@ fn class_examples(
     let side = spec.dataset.resolution;
     let images: Vec<InstanceImage> = match &prior.class_images_uri {
         Some(uri) => {
-            let folder = local_folder(uri, "spec.dataset.priorPreservation.classImagesUri")?;
+            let folder = local_path(uri, "spec.dataset.priorPreservation.classImagesUri")?;
             let class_dataset = Dataset {
                 uri: uri.clone(),
                 token: Some("class".into()),

@@ -4,7 +4,7 @@
 //! - `torch_cuda` forced in with `--no-as-needed`: nothing references its symbols
 //!   directly (kernels register from static initialisers), so a plain `-ltorch_cuda`
 //!   would be dropped and CUDA would report unavailable on a GPU machine;
-//! - the C++ shim in `csrc/` (autocast dtype, TF32, allocator statistics), compiled
+//! - the C++ shim in `csrc/` (every `.cpp` there: what tch does not bind), compiled
 //!   against the libtorch and CUDA headers when both are present.
 
 use std::env;
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     println!("cargo::rustc-check-cfg=cfg(dbt_cuda_shim)");
     let Some(torch_dir) = env::var("LIBTORCH").ok().map(PathBuf::from) else {
         println!("cargo:warning=LIBTORCH is not set; run scripts/bootstrap-libtorch.sh");
@@ -51,9 +51,18 @@ fn cuda_headers(torch_dir: &Path) -> Option<PathBuf> {
 }
 
 fn compile_shim(torch_dir: &Path, cuda_include: &Path) {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("csrc")
+        .expect("trainer/csrc exists")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cpp"))
+        .collect();
+    sources.sort();
+    for source in &sources {
+        println!("cargo:rerun-if-changed={}", source.display());
+    }
     cc::Build::new()
         .cpp(true)
-        .file("csrc/shim.cpp")
+        .files(&sources)
         .include(torch_dir.join("include"))
         .include(torch_dir.join("include/torch/csrc/api/include"))
         .include(cuda_include)

@@ -23,9 +23,10 @@ lint: bootstrap
 test: lint
 	$(CARGO) test --workspace --all-features
 
-# Regenerates the committed CRD; a test fails while it is stale.
+# Regenerates the committed CRD and the Helm chart's copy; a test fails while either is stale.
 crds:
 	$(CARGO) run -q -p dreambooth-operator --bin crdgen > crds/dreamboothsession.yaml
+	BLESS_CHART_CRD=1 $(CARGO) test -q -p dreambooth-tests --test chart chart_crd_body
 
 # A whole session on the CPU: a tiny random model, generated photos of a toy, then
 # examples/quickstart.yaml with checkpoints and samples. Outputs land in demo/output.

@@ -119,15 +119,28 @@ fn cluster_only_fields_are_exactly_the_cluster_spec() {
         );
         assert!(!CLUSTER_ONLY_FIELDS.contains(&field));
     }
+    // Every field set, so serialisation names them all.
     let cluster_fields = serde_json::to_value(dreambooth_api::crd::ClusterSpec {
-        suspend: Some(false),
+        resources: Some(Default::default()),
+        node_selector: Some(Default::default()),
+        tolerations: Some(Vec::new()),
+        affinity: Some(Default::default()),
+        priority_class_name: Some(String::new()),
         queue_name: Some(String::new()),
         image: Some(String::new()),
+        image_pull_secrets: Some(Vec::new()),
+        service_account_name: Some(String::new()),
+        suspend: Some(false),
         backoff_limit: Some(0),
         active_deadline_seconds: Some(0),
         ttl_seconds_after_finished: Some(0),
     })
     .unwrap();
+    assert_eq!(
+        cluster_fields.as_object().unwrap().len(),
+        CLUSTER_ONLY_FIELDS.len(),
+        "CLUSTER_ONLY_FIELDS names a field ClusterSpec does not have"
+    );
     for field in cluster_fields.as_object().unwrap().keys() {
         assert!(
             CLUSTER_ONLY_FIELDS.contains(&field.as_str()),
@@ -138,4 +151,48 @@ fn cluster_only_fields_are_exactly_the_cluster_spec() {
             "spec.{field} missing from the CRD"
         );
     }
+}
+
+#[test]
+fn training_fields_are_immutable_but_lifecycle_fields_are_not() {
+    let crd = generated_crd();
+    let rules = spec_schema(&crd)["x-kubernetes-validations"]
+        .as_array()
+        .expect("spec has CEL rules");
+    let immutability = rules
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .find(|r| r.contains("oldSelf"))
+        .expect("a transition rule on spec");
+    for field in [
+        "baseModel",
+        "dataset",
+        "training",
+        "checkpoints",
+        "samples",
+        "output",
+        "storage",
+    ] {
+        assert!(
+            immutability.contains(&format!("self.{field} == oldSelf.{field}")),
+            "{field} is not held immutable: {immutability}"
+        );
+    }
+    for field in CLUSTER_ONLY_FIELDS {
+        assert!(
+            !immutability.contains(&format!("self.{field} ")),
+            "{field} must stay editable"
+        );
+    }
+}
+
+#[test]
+fn resources_default_to_one_nvidia_gpu() {
+    let crd = generated_crd();
+    let resources = &spec_schema(&crd)["properties"]["resources"]["properties"];
+    assert_eq!(resources["gpus"]["default"], 1);
+    assert_eq!(resources["gpuResourceName"]["default"], "nvidia.com/gpu");
+    let parsed: dreambooth_api::crd::Resources = serde_json::from_str("{}").unwrap();
+    assert_eq!(parsed.gpus, 1);
+    assert_eq!(parsed.gpu_resource_name, "nvidia.com/gpu");
 }

@@ -1,5 +1,5 @@
 // What tch does not bind: the autocast dtype, TF32 switches and the CUDA caching
-// allocator's statistics. Plain C functions over libtorch's C++ API, called from
+// allocator's statistics (the optimizer kernels and CUDA graphs have their own files). Plain C functions over libtorch's C++ API, called from
 // trainer/src/cuda.rs. Compiled by build.rs only when the CUDA headers are present.
 
 #include <ATen/Context.h>
@@ -52,14 +52,16 @@ int dbt_tf32_enabled() {
   return at::globalContext().allowTF32CuBLAS() ? 1 : 0;
 }
 
-// Bytes currently allocated and the peak since the last reset, for one device.
-int dbt_cuda_memory(int device, int64_t* allocated, int64_t* peak) {
+// Bytes currently allocated, the peak since the last reset, and the peak reserved from
+// the device (graph pools included), for one device.
+int dbt_cuda_memory(int device, int64_t* allocated, int64_t* peak, int64_t* peak_reserved) {
   try {
     if (device < 0 || device >= c10::cuda::device_count()) return 1;
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
     auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     *allocated = stats.allocated_bytes[aggregate].current;
     *peak = stats.allocated_bytes[aggregate].peak;
+    *peak_reserved = stats.reserved_bytes[aggregate].peak;
     return 0;
   } catch (const std::exception&) {
     return 1;

@@ -1,7 +1,12 @@
-//! CUDA settings tch does not expose: the autocast dtype (bf16), TF32, and the caching
-//! allocator's memory statistics. Backed by the C++ shim in `csrc/shim.cpp`; without
-//! it (no CUDA headers at build time) each call reports that it is unavailable.
+//! What tch does not expose, backed by the C++ shim in `csrc/`: the autocast dtype
+//! (bf16), TF32, the caching allocator's memory statistics, the multi-tensor optimizer
+//! kernels ([`foreach`]) and CUDA-graph capture ([`graph`]). Without the shim (no CUDA
+//! headers at build time) each call reports that it is unavailable.
 
+pub mod foreach;
+pub mod graph;
+
+use std::ffi::c_char;
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +23,31 @@ impl fmt::Display for ShimUnavailable {
 }
 
 impl std::error::Error for ShimUnavailable {}
+
+/// A shim call that is unavailable in this build or that libtorch refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShimError {
+    #[error("{0} needs the CUDA shim, which this build does not have")]
+    Unavailable(&'static str),
+    #[error("{what} failed: {message}")]
+    Failed { what: &'static str, message: String },
+}
+
+/// Calls `f` with a buffer for libtorch's error message; `None` from `f` means failure.
+#[cfg_attr(not(dbt_cuda_shim), allow(dead_code))]
+fn with_error_buffer<T>(
+    what: &'static str,
+    f: impl FnOnce(*mut c_char, usize) -> Option<T>,
+) -> Result<T, ShimError> {
+    let mut buffer = vec![0u8; 2048];
+    f(buffer.as_mut_ptr().cast(), buffer.len()).ok_or_else(|| {
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        ShimError::Failed {
+            what,
+            message: String::from_utf8_lossy(&buffer[..end]).into_owned(),
+        }
+    })
+}
 
 /// Memory held by tensors on one CUDA device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +66,12 @@ mod ffi {
         pub fn dbt_cuda_autocast_exit(previous: i32);
         pub fn dbt_set_tf32(enabled: i32);
         pub fn dbt_tf32_enabled() -> i32;
-        pub fn dbt_cuda_memory(device: i32, allocated: *mut i64, peak: *mut i64) -> i32;
+        pub fn dbt_cuda_memory(
+            device: i32,
+            allocated: *mut i64,
+            peak: *mut i64,
+            peak_reserved: *mut i64,
+        ) -> i32;
         pub fn dbt_cuda_reset_peak_memory(device: i32) -> i32;
     }
 }
@@ -119,10 +154,31 @@ pub fn tf32_enabled() -> Result<bool, ShimUnavailable> {
 pub fn memory_stats(device: usize) -> Result<Option<MemoryStats>, ShimUnavailable> {
     #[cfg(dbt_cuda_shim)]
     {
-        let (mut allocated, mut peak) = (0i64, 0i64);
-        // SAFETY: the shim writes two i64s through valid pointers and checks the index.
-        let status = unsafe { ffi::dbt_cuda_memory(device as i32, &mut allocated, &mut peak) };
+        let (mut allocated, mut peak, mut peak_reserved) = (0i64, 0i64, 0i64);
+        // SAFETY: the shim writes three i64s through valid pointers and checks the index.
+        let status = unsafe {
+            ffi::dbt_cuda_memory(device as i32, &mut allocated, &mut peak, &mut peak_reserved)
+        };
         return Ok((status == 0).then_some(MemoryStats { allocated, peak }));
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = device;
+        Err(ShimUnavailable("CUDA memory statistics"))
+    }
+}
+
+/// The most bytes the caching allocator held from `device` (CUDA graph pools included)
+/// since the last [`reset_peak_memory`]; `None` when there is no such device.
+pub fn peak_reserved_memory(device: usize) -> Result<Option<i64>, ShimUnavailable> {
+    #[cfg(dbt_cuda_shim)]
+    {
+        let (mut allocated, mut peak, mut peak_reserved) = (0i64, 0i64, 0i64);
+        // SAFETY: as in `memory_stats`.
+        let status = unsafe {
+            ffi::dbt_cuda_memory(device as i32, &mut allocated, &mut peak, &mut peak_reserved)
+        };
+        return Ok((status == 0).then_some(peak_reserved));
     }
     #[allow(unreachable_code)]
     {

@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod schedulers;
 pub mod storage;
+pub mod telemetry;
 pub mod tiny_model;
 pub mod tokenizer;
 pub mod train;

@@ -8,11 +8,16 @@ use dreambooth_trainer::bench;
 use dreambooth_trainer::checkpoint::{self, LoadOptions};
 use dreambooth_trainer::models::versions::KnownVersion;
 use dreambooth_trainer::runtime::RuntimeInfo;
+use dreambooth_trainer::telemetry::{self, Telemetry};
 use dreambooth_trainer::tiny_model::{self, TinyVariant};
 use dreambooth_trainer::train::preemption::StopSignal;
 use dreambooth_trainer::train::session::{SessionError, SessionOptions, run_session};
+use dreambooth_trainer::train::trainer::Phase;
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +35,7 @@ enum Command {
     /// Run a whole session: prepare the photos, train both phases, write checkpoints,
     /// samples, the model and the manifest. Reruns resume from the latest state.
     Train {
-        /// The session file (YAML or JSON, manifest or bare spec).
+        /// The session file (YAML or JSON, manifest or bare spec); `-` reads stdin.
         file: PathBuf,
         /// Overrides `spec.output.uri`.
         #[arg(long)]
@@ -41,6 +46,13 @@ enum Command {
         /// Where the outcome summary goes for Kubernetes.
         #[arg(long, default_value = "/dev/termination-log")]
         termination_log: PathBuf,
+        /// Serve `/metrics`, `/progress` and `/healthz` here (`0.0.0.0:9090`; port 0
+        /// picks a free one). No listener without it.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Cache for downloaded inputs, kept across attempts when it is a volume.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
     /// Print the libtorch runtime: CUDA availability and a matmul check, as JSON.
     Info,
@@ -99,10 +111,17 @@ struct BenchArgs {
     /// Untimed steps first (allocator and cuDNN warm-up).
     #[arg(long, default_value_t = 5)]
     warmup: usize,
-    /// Only the eager path exists so far; accepted for the fast path's command line.
+    /// Which phase's step: the UNet on cached embeddings, or the text encoder through
+    /// the frozen UNet.
+    #[arg(long, value_enum, default_value = "unet")]
+    phase: BenchPhase,
+    /// `low`: gradient checkpointing (fits a 12 GB card; slower).
+    #[arg(long, value_enum, default_value = "default")]
+    memory: bench::MemoryMode,
+    /// Eager steps only, no CUDA graph (fused AdamW still on CUDA).
     #[arg(long)]
     eager: bool,
-    /// A tiny UNet, for smoke tests on the CPU.
+    /// Tiny networks, for smoke tests on the CPU.
     #[arg(long)]
     tiny: bool,
     /// fp32 instead of bf16 autocast.
@@ -111,6 +130,12 @@ struct BenchArgs {
     /// `cuda` when available, else `cpu`.
     #[arg(long)]
     device: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchPhase {
+    Unet,
+    TextEncoder,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -139,7 +164,16 @@ fn main() -> Result<ExitCode> {
             output,
             device,
             termination_log,
-        } => Ok(train(&file, output, device.as_deref(), &termination_log)),
+            listen,
+            cache_dir,
+        } => Ok(train(TrainArgs {
+            file,
+            output,
+            device,
+            termination_log,
+            listen,
+            cache_dir,
+        })),
         Command::TinyModel { out, variant, seed } => {
             let variant = if variant == "sd2" {
                 TinyVariant::Sd2
@@ -182,10 +216,12 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
-            let report = bench::bench_unet_phase(&bench_config(&args)?);
+            let report = bench::bench(&bench_config(&args)?);
             eprintln!(
-                "{} {}x{} batch {}: {:.2} steps/s, {:.2} images/s, {:.1} ms/step, peak {} GiB, floor fraction {}",
+                "{} {} {:?} {}x{} batch {}: {:.2} steps/s, {:.2} images/s, {:.1} ms/step, peak {} GiB, floor fraction {}",
+                report.implementation,
                 report.arch,
+                report.phase,
                 report.resolution,
                 report.resolution,
                 report.batch,
@@ -239,32 +275,42 @@ fn parse_device(device: Option<&str>) -> Result<tch::Device> {
     })
 }
 
-/// Runs a session and reports how it ended: exit code, termination message, last line.
-fn train(
-    file: &Path,
+struct TrainArgs {
+    file: PathBuf,
     output: Option<String>,
-    device: Option<&str>,
-    termination_log: &Path,
-) -> ExitCode {
-    let started = (|| -> Result<(Session, tch::Device, StopSignal), (ExitKind, String)> {
-        let mut session = Session::load(file).map_err(|e| (ExitKind::BadConfig, e.to_string()))?;
-        if let Some(output) = output {
-            session.spec.output.uri = output;
-        }
-        let device = parse_device(device).map_err(|e| (ExitKind::BadConfig, e.to_string()))?;
-        let stop = StopSignal::install().map_err(|e| (ExitKind::Internal, e.to_string()))?;
-        Ok((session, device, stop))
-    })();
-    let result = match started {
-        Ok((session, device, stop)) => {
-            let mut bar = ProgressLine::new();
-            run_session(&session, &SessionOptions { device, stop }, &mut |p| {
-                bar.show(p)
-            })
-            .map_err(|e| (e.exit_kind(), e.to_string(), preempted_step(&e)))
-        }
-        Err((kind, message)) => Err((kind, message, None)),
-    };
+    device: Option<String>,
+    termination_log: PathBuf,
+    listen: Option<SocketAddr>,
+    cache_dir: Option<PathBuf>,
+}
+
+/// What `train` has once its arguments check out.
+struct Started {
+    session: Session,
+    device: tch::Device,
+    stop: StopSignal,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Runs a session and reports how it ended: exit code, termination message, last line.
+fn train(args: TrainArgs) -> ExitCode {
+    let result = start_training(&args).and_then(|started| {
+        let telemetry = Arc::clone(&started.telemetry);
+        let mut bar = ProgressLine::new();
+        let options = SessionOptions {
+            device: started.device,
+            stop: started.stop,
+            cache_dir: args.cache_dir.clone(),
+        };
+        run_session(&started.session, &options, &mut |p| {
+            bar.show(p);
+            telemetry.record(p);
+        })
+        .map_err(|e| {
+            telemetry.record_failure(e.exit_kind());
+            (e.exit_kind(), e.to_string(), preempted_step(&e))
+        })
+    });
     let outcome = match &result {
         Ok(done) => {
             eprintln!("model: {}\nmanifest: {}", done.model_uri, done.manifest_uri);
@@ -286,13 +332,58 @@ fn train(
         }
     };
     // Outside Kubernetes the default path is usually not writable; that is fine.
-    let _ = std::fs::write(termination_log, outcome.to_termination_message());
+    let _ = std::fs::write(&args.termination_log, outcome.to_termination_message());
     exit(outcome.outcome)
+}
+
+type Failure = (ExitKind, String, Option<u32>);
+
+/// Loads the session, picks the device, installs the signal handlers and starts the
+/// telemetry server when asked; every failure here is the config's or the host's.
+fn start_training(args: &TrainArgs) -> Result<Started, Failure> {
+    let fail = |kind: ExitKind| move |message: String| (kind, message, None);
+    let mut session = load_session(&args.file).map_err(fail(ExitKind::BadConfig))?;
+    if let Some(output) = &args.output {
+        session.spec.output.uri = output.clone();
+    }
+    let device = parse_device(args.device.as_deref())
+        .map_err(|e| fail(ExitKind::BadConfig)(e.to_string()))?;
+    let stop = StopSignal::install().map_err(|e| fail(ExitKind::Internal)(e.to_string()))?;
+    let telemetry = Arc::new(Telemetry::new(&session.name, device));
+    if let Some(listen) = args.listen {
+        // A taken port is the host's problem, and may be gone on the next attempt.
+        let server = telemetry::serve(listen, Arc::clone(&telemetry))
+            .map_err(|e| fail(ExitKind::Retriable)(format!("--listen {listen}: {e}")))?;
+        tracing::info!(
+            "serving /metrics, /progress and /healthz on http://{}",
+            server.local_addr()
+        );
+    }
+    Ok(Started {
+        session,
+        device,
+        stop,
+        telemetry,
+    })
+}
+
+/// A session from a file, or from stdin for `-` (JSON when it starts with `{`).
+fn load_session(file: &Path) -> Result<Session, String> {
+    if file != Path::new("-") {
+        return Session::load(file).map_err(|e| e.to_string());
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| format!("<stdin>: {e}"))?;
+    let is_json = text.trim_start().starts_with('{');
+    Session::parse(&text, is_json, "<stdin>", "session").map_err(|e| e.to_string())
 }
 
 fn preempted_step(error: &SessionError) -> Option<u32> {
     match error {
         SessionError::Preempted { step } => Some(*step),
+        SessionError::StoppedBeforeTraining { .. } => Some(0),
         _ => None,
     }
 }
@@ -348,12 +439,18 @@ fn bench_config(args: &BenchArgs) -> Result<bench::BenchConfig> {
             Arch::Sd21 => KnownVersion::Sd21,
         },
         tiny: args.tiny,
+        phase: match args.phase {
+            BenchPhase::Unet => Phase::Unet,
+            BenchPhase::TextEncoder => Phase::TextEncoder,
+        },
+        memory: args.memory,
         resolution: args.resolution,
         batch: args.batch,
         steps: args.steps,
         warmup: args.warmup,
         device,
         bf16: !args.fp32,
+        eager: args.eager,
     })
 }
 

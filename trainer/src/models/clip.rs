@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use super::checkpointing::{Shared, checkpoint_one};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -275,9 +277,10 @@ impl Module for ClipEncoderLayer {
 pub struct ClipTextModel {
     token_embedding: nn::Embedding,
     position_embedding: nn::Embedding,
-    layers: Vec<ClipEncoderLayer>,
+    layers: Vec<Shared<ClipEncoderLayer>>,
     final_layer_norm: nn::LayerNorm,
     eos_token_id: i64,
+    gradient_checkpointing: bool,
 }
 
 /// Builds the text encoder under `p` (normally the VarStore root), creating the
@@ -300,14 +303,25 @@ pub fn clip_text_model(p: nn::Path, cfg: &ClipTextConfig) -> ClipTextModel {
             Default::default(),
         ),
         layers: (0..cfg.num_hidden_layers)
-            .map(|i| clip_encoder_layer(&layers / i, cfg))
+            .map(|i| Shared::new(clip_encoder_layer(&layers / i, cfg)))
             .collect(),
         final_layer_norm: layer_norm(&p / "final_layer_norm", cfg),
         eos_token_id: cfg.eos_token_id,
+        gradient_checkpointing: false,
     }
 }
 
 impl ClipTextModel {
+    /// Recompute each encoder layer in the backward pass instead of keeping its
+    /// activations (see [`super::checkpointing`]).
+    pub fn set_gradient_checkpointing(&mut self, enabled: bool) {
+        self.gradient_checkpointing = enabled;
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
     /// Encodes `input_ids` (`[batch, seq]`, int64, seq ≤ max_position_embeddings).
     pub fn forward(&self, input_ids: &Tensor) -> ClipTextOutput {
         self.forward_with_clip_skip(input_ids, 0)
@@ -326,7 +340,12 @@ impl ClipTextModel {
             + self.position_embedding.forward(&positions).unsqueeze(0);
         let depth = self.layers.len().saturating_sub(clip_skip);
         for layer in &self.layers[..depth] {
-            xs = layer.forward(&xs);
+            xs = if self.gradient_checkpointing {
+                let layer = layer.clone();
+                checkpoint_one(&[&xs], move |t| layer.forward(&t[0]))
+            } else {
+                layer.forward(&xs)
+            };
         }
         let last_hidden_state = self.final_layer_norm.forward(&xs);
         let eos = self.eos_positions(input_ids);

@@ -2,6 +2,7 @@
 //! same parameter names as diffusers, so real checkpoints load unchanged.
 
 pub mod attention;
+pub mod checkpointing;
 pub mod clip;
 pub mod config;
 pub mod downsampling;

@@ -37,11 +37,7 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: nn::GroupNorm,
     pub conv_out: nn::Conv2D,
-    /// Recompute activations in the backward pass instead of storing them.
-    /// Not implemented yet: tch exposes no `torch.utils.checkpoint`, so this needs
-    /// a custom autograd function in the C++ shim; the flag is kept so callers can
-    /// already ask for it.
-    pub gradient_checkpointing: bool,
+    gradient_checkpointing: bool,
     center_input_sample: bool,
 }
 
@@ -173,6 +169,32 @@ pub fn unet(p: nn::Path, cfg: &UNetConfig) -> UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// Recompute every resnet and spatial transformer of the down, mid and up blocks in
+    /// the backward pass instead of keeping their activations, as diffusers'
+    /// `enable_gradient_checkpointing` does (see [`super::checkpointing`]).
+    pub fn set_gradient_checkpointing(&mut self, enabled: bool) {
+        self.gradient_checkpointing = enabled;
+        for block in &mut self.down_blocks {
+            match block {
+                DownBlock::CrossAttn(b) => b.gradient_checkpointing = enabled,
+                DownBlock::Plain(b) => b.gradient_checkpointing = enabled,
+            }
+        }
+        if let Some(mid) = &mut self.mid_block {
+            mid.gradient_checkpointing = enabled;
+        }
+        for block in &mut self.up_blocks {
+            match block {
+                UpBlock::CrossAttn(b) => b.gradient_checkpointing = enabled,
+                UpBlock::Plain(b) => b.gradient_checkpointing = enabled,
+            }
+        }
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
     /// `sample` is the noisy latent `[B, C, H, W]`, `timesteps` one per sample (`[B]`,
     /// integer or float; a scalar applies to the whole batch), `encoder_hidden_states`
     /// the text embeddings `[B, S, cross_attention_dim]`. Returns `[B, out_channels, H, W]`.

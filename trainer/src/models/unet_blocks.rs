@@ -9,6 +9,7 @@ use super::attention::{
     Attention, AttentionConfig, Transformer2DConfig, Transformer2DModel, attention,
     transformer_2d_model,
 };
+use super::checkpointing::{Shared, checkpoint_one};
 use super::downsampling::{Downsample2D, downsample_2d};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig, resnet_block_2d};
 use super::upsampling::{Upsample2D, upsample_2d};
@@ -42,12 +43,12 @@ impl ResnetSettings {
         num_layers: i64,
         in_channels: i64,
         out_channels: i64,
-    ) -> Vec<ResnetBlock2D> {
+    ) -> Vec<Shared<ResnetBlock2D>> {
         let resnets = p / "resnets";
         (0..num_layers)
             .map(|i| {
                 let cin = if i == 0 { in_channels } else { out_channels };
-                self.build(&resnets / i, cin, out_channels)
+                Shared::new(self.build(&resnets / i, cin, out_channels))
             })
             .collect()
     }
@@ -82,10 +83,15 @@ impl TransformerSettings {
     }
 
     /// A block's `attentions.{i}`, all `channels` wide.
-    fn stack(&self, p: &nn::Path, num_layers: i64, channels: i64) -> Vec<Transformer2DModel> {
+    fn stack(
+        &self,
+        p: &nn::Path,
+        num_layers: i64,
+        channels: i64,
+    ) -> Vec<Shared<Transformer2DModel>> {
         let attentions = p / "attentions";
         (0..num_layers)
-            .map(|i| self.build(&attentions / i, channels))
+            .map(|i| Shared::new(self.build(&attentions / i, channels)))
             .collect()
     }
 }
@@ -104,7 +110,7 @@ fn down_resnets(
     p: &nn::Path,
     cfg: &DownBlockConfig,
     resnet: &ResnetSettings,
-) -> Vec<ResnetBlock2D> {
+) -> Vec<Shared<ResnetBlock2D>> {
     resnet.stack(p, cfg.num_layers, cfg.in_channels, cfg.out_channels)
 }
 
@@ -115,12 +121,42 @@ fn downsampler(p: &nn::Path, cfg: &DownBlockConfig) -> Option<Downsample2D> {
     })
 }
 
+/// Runs one resnet, through a gradient checkpoint when `checkpointed`.
+fn run_resnet(
+    resnet: &Shared<ResnetBlock2D>,
+    xs: &Tensor,
+    temb: &Tensor,
+    checkpointed: bool,
+) -> Tensor {
+    if !checkpointed {
+        return resnet.forward(xs, Some(temb));
+    }
+    let resnet = resnet.clone();
+    checkpoint_one(&[xs, temb], move |t| resnet.forward(&t[0], Some(&t[1])))
+}
+
+/// Runs one spatial transformer, through a gradient checkpoint when `checkpointed`.
+fn run_transformer(
+    attn: &Shared<Transformer2DModel>,
+    xs: &Tensor,
+    context: &Tensor,
+    checkpointed: bool,
+) -> Tensor {
+    if !checkpointed {
+        return attn.forward(xs, context);
+    }
+    let attn = attn.clone();
+    checkpoint_one(&[xs, context], move |t| attn.forward(&t[0], &t[1]))
+}
+
 /// A down block of resnets each followed by a spatial transformer.
 #[derive(Debug)]
 pub struct CrossAttnDownBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
-    pub attentions: Vec<Transformer2DModel>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
+    pub attentions: Vec<Shared<Transformer2DModel>>,
     pub downsampler: Option<Downsample2D>,
+    /// Recompute each resnet and transformer in the backward pass (see `checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 pub fn cross_attn_down_block_2d(
@@ -133,6 +169,7 @@ pub fn cross_attn_down_block_2d(
         resnets: down_resnets(&p, cfg, resnet),
         attentions: transformer.stack(&p, cfg.num_layers, cfg.out_channels),
         downsampler: downsampler(&p, cfg),
+        gradient_checkpointing: false,
     }
 }
 
@@ -142,7 +179,8 @@ impl CrossAttnDownBlock2D {
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         let mut xs = xs.shallow_clone();
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            xs = attn.forward(&resnet.forward(&xs, Some(temb)), context);
+            let ck = self.gradient_checkpointing;
+            xs = run_transformer(attn, &run_resnet(resnet, &xs, temb, ck), context, ck);
             skips.push(xs.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
@@ -156,14 +194,17 @@ impl CrossAttnDownBlock2D {
 /// A down block of resnets only (the UNet's lowest resolution).
 #[derive(Debug)]
 pub struct DownBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
     pub downsampler: Option<Downsample2D>,
+    /// Recompute each resnet and transformer in the backward pass (see `checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 pub fn down_block_2d(p: nn::Path, cfg: &DownBlockConfig, resnet: &ResnetSettings) -> DownBlock2D {
     DownBlock2D {
         resnets: down_resnets(&p, cfg, resnet),
         downsampler: downsampler(&p, cfg),
+        gradient_checkpointing: false,
     }
 }
 
@@ -172,7 +213,7 @@ impl DownBlock2D {
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         let mut xs = xs.shallow_clone();
         for resnet in &self.resnets {
-            xs = resnet.forward(&xs, Some(temb));
+            xs = run_resnet(resnet, &xs, temb, self.gradient_checkpointing);
             skips.push(xs.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
@@ -186,8 +227,10 @@ impl DownBlock2D {
 /// The UNet's bottom: resnet, then (transformer, resnet) per layer.
 #[derive(Debug)]
 pub struct UNetMidBlock2DCrossAttn {
-    pub resnets: Vec<ResnetBlock2D>,
-    pub attentions: Vec<Transformer2DModel>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
+    pub attentions: Vec<Shared<Transformer2DModel>>,
+    /// Recompute each resnet and transformer in the backward pass (see `checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 pub fn unet_mid_block_2d_cross_attn(
@@ -200,14 +243,16 @@ pub fn unet_mid_block_2d_cross_attn(
     UNetMidBlock2DCrossAttn {
         resnets: resnet.stack(&p, num_layers + 1, channels, channels),
         attentions: transformer.stack(&p, num_layers, channels),
+        gradient_checkpointing: false,
     }
 }
 
 impl UNetMidBlock2DCrossAttn {
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
-        let mut xs = self.resnets[0].forward(xs, Some(temb));
+        let ck = self.gradient_checkpointing;
+        let mut xs = run_resnet(&self.resnets[0], xs, temb, ck);
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = resnet.forward(&attn.forward(&xs, context), Some(temb));
+            xs = run_resnet(resnet, &run_transformer(attn, &xs, context, ck), temb, ck);
         }
         xs
     }
@@ -226,7 +271,11 @@ pub struct UpBlockConfig {
     pub add_upsample: bool,
 }
 
-fn up_resnets(p: &nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> Vec<ResnetBlock2D> {
+fn up_resnets(
+    p: &nn::Path,
+    cfg: &UpBlockConfig,
+    resnet: &ResnetSettings,
+) -> Vec<Shared<ResnetBlock2D>> {
     let resnets = p / "resnets";
     (0..cfg.num_layers)
         .map(|i| {
@@ -240,7 +289,7 @@ fn up_resnets(p: &nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> Vec
             } else {
                 cfg.out_channels
             };
-            resnet.build(&resnets / i, cin + skip, cfg.out_channels)
+            Shared::new(resnet.build(&resnets / i, cin + skip, cfg.out_channels))
         })
         .collect()
 }
@@ -261,9 +310,11 @@ fn with_skip(xs: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
 /// An up block of resnets each followed by a spatial transformer.
 #[derive(Debug)]
 pub struct CrossAttnUpBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
-    pub attentions: Vec<Transformer2DModel>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
+    pub attentions: Vec<Shared<Transformer2DModel>>,
     pub upsampler: Option<Upsample2D>,
+    /// Recompute each resnet and transformer in the backward pass (see `checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 pub fn cross_attn_up_block_2d(
@@ -276,6 +327,7 @@ pub fn cross_attn_up_block_2d(
         resnets: up_resnets(&p, cfg, resnet),
         attentions: transformer.stack(&p, cfg.num_layers, cfg.out_channels),
         upsampler: upsampler(&p, cfg.add_upsample, cfg.out_channels),
+        gradient_checkpointing: false,
     }
 }
 
@@ -292,7 +344,9 @@ impl CrossAttnUpBlock2D {
     ) -> Tensor {
         let mut xs = xs.shallow_clone();
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            xs = attn.forward(&resnet.forward(&with_skip(&xs, skips), Some(temb)), context);
+            let ck = self.gradient_checkpointing;
+            let h = run_resnet(resnet, &with_skip(&xs, skips), temb, ck);
+            xs = run_transformer(attn, &h, context, ck);
         }
         match &self.upsampler {
             Some(up) => up.forward(&xs, upsample_size),
@@ -304,14 +358,17 @@ impl CrossAttnUpBlock2D {
 /// An up block of resnets only.
 #[derive(Debug)]
 pub struct UpBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
     pub upsampler: Option<Upsample2D>,
+    /// Recompute each resnet and transformer in the backward pass (see `checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 pub fn up_block_2d(p: nn::Path, cfg: &UpBlockConfig, resnet: &ResnetSettings) -> UpBlock2D {
     UpBlock2D {
         resnets: up_resnets(&p, cfg, resnet),
         upsampler: upsampler(&p, cfg.add_upsample, cfg.out_channels),
+        gradient_checkpointing: false,
     }
 }
 
@@ -325,7 +382,12 @@ impl UpBlock2D {
     ) -> Tensor {
         let mut xs = xs.shallow_clone();
         for resnet in &self.resnets {
-            xs = resnet.forward(&with_skip(&xs, skips), Some(temb));
+            xs = run_resnet(
+                resnet,
+                &with_skip(&xs, skips),
+                temb,
+                self.gradient_checkpointing,
+            );
         }
         match &self.upsampler {
             Some(up) => up.forward(&xs, upsample_size),
@@ -337,7 +399,7 @@ impl UpBlock2D {
 /// The VAE encoder's level: resnets without time input, then a downsample.
 #[derive(Debug)]
 pub struct DownEncoderBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
     pub downsampler: Option<Downsample2D>,
 }
 
@@ -368,7 +430,7 @@ impl Module for DownEncoderBlock2D {
 /// The VAE decoder's level: resnets without time input or skips, then an upsample.
 #[derive(Debug)]
 pub struct UpDecoderBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
     pub upsampler: Option<Upsample2D>,
 }
 
@@ -402,7 +464,7 @@ impl Module for UpDecoderBlock2D {
 /// The VAE's bottom: resnet, then (single-head self-attention, resnet) per layer.
 #[derive(Debug)]
 pub struct UNetMidBlock2D {
-    pub resnets: Vec<ResnetBlock2D>,
+    pub resnets: Vec<Shared<ResnetBlock2D>>,
     pub attentions: Vec<Attention>,
 }
 

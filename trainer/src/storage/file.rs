@@ -5,9 +5,11 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::{
-    ObjectInfo, Storage, StorageError, StreamHash, Transferred, validate_key, validate_prefix,
+    ObjectInfo, Storage, StorageError, StreamHash, Transferred, stats, validate_key,
+    validate_prefix,
 };
 
 /// Temp files are `.<name>.<random>.partial`; listings skip them so a crashed writer's
@@ -181,6 +183,29 @@ fn copy_hashing(
     Ok(hash.finish())
 }
 
+enum Direction {
+    Upload,
+    Download,
+}
+
+/// Runs one transfer and records it (or its error) in `stats`.
+fn counted(
+    direction: Direction,
+    transfer: impl FnOnce() -> Result<Transferred, StorageError>,
+) -> Result<Transferred, StorageError> {
+    let started = Instant::now();
+    match transfer() {
+        Ok(done) => {
+            match direction {
+                Direction::Upload => stats::record_upload(done.bytes, started.elapsed()),
+                Direction::Download => stats::record_download(done.bytes, started.elapsed()),
+            }
+            Ok(done)
+        }
+        Err(error) => Err(error.counted()),
+    }
+}
+
 impl Storage for FileStorage {
     fn uri(&self, key: &str) -> String {
         let root = self.root.to_string_lossy();
@@ -188,30 +213,45 @@ impl Storage for FileStorage {
     }
 
     fn put_file(&self, local: &Path, key: &str) -> Result<Transferred, StorageError> {
-        let dest = self.path_of(key)?;
-        let mut source = File::open(local).map_err(|e| StorageError::io(local, "open", e))?;
-        write_atomically(&dest, |out| copy_hashing(&mut source, local, out, &dest))
+        counted(Direction::Upload, || {
+            let dest = self.path_of(key)?;
+            let mut source = File::open(local).map_err(|e| StorageError::io(local, "open", e))?;
+            write_atomically(&dest, |out| copy_hashing(&mut source, local, out, &dest))
+        })
     }
 
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<Transferred, StorageError> {
-        let dest = self.path_of(key)?;
-        write_atomically(&dest, |out| {
-            copy_hashing(&mut &bytes[..], Path::new("<memory>"), out, &dest)
+        counted(Direction::Upload, || {
+            let dest = self.path_of(key)?;
+            write_atomically(&dest, |out| {
+                copy_hashing(&mut &bytes[..], Path::new("<memory>"), out, &dest)
+            })
         })
     }
 
     fn get_to_file(&self, key: &str, local: &Path) -> Result<Transferred, StorageError> {
-        let (path, mut source) = self.open_object(key)?;
-        write_atomically(local, |out| copy_hashing(&mut source, &path, out, local))
+        counted(Direction::Download, || {
+            let (path, mut source) = self.open_object(key)?;
+            write_atomically(local, |out| copy_hashing(&mut source, &path, out, local))
+        })
     }
 
     fn get_bytes(&self, key: &str) -> Result<Vec<u8>, StorageError> {
-        let (path, mut source) = self.open_object(key)?;
-        let mut bytes = Vec::new();
-        source
-            .read_to_end(&mut bytes)
-            .map_err(|e| StorageError::io(&path, "read", e))?;
-        Ok(bytes)
+        let started = Instant::now();
+        let read = self.open_object(key).and_then(|(path, mut source)| {
+            let mut bytes = Vec::new();
+            source
+                .read_to_end(&mut bytes)
+                .map_err(|e| StorageError::io(&path, "read", e))?;
+            Ok(bytes)
+        });
+        match read {
+            Ok(bytes) => {
+                stats::record_download(bytes.len() as u64, started.elapsed());
+                Ok(bytes)
+            }
+            Err(error) => Err(error.counted()),
+        }
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {

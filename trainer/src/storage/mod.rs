@@ -1,15 +1,25 @@
 //! Where a session reads and writes: one interface over object keys below a prefix URI,
-//! so training and export code never care whether the bytes land on a local disk or,
-//! later, in S3. Keys are `/`-separated and relative to the prefix, like S3 object keys.
+//! so training and export code never care whether the bytes land on a local disk or in
+//! S3. Keys are `/`-separated and relative to the prefix, like S3 object keys. Inputs
+//! (`fetch`) may also come read-only from `https://` and `hf://`.
 
+mod error;
+pub mod fetch;
 pub mod file;
+pub mod hf;
+pub mod https;
+pub mod retry;
+pub mod s3;
+pub mod stats;
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+pub use error::StorageError;
+pub use fetch::Fetcher;
 pub use file::FileStorage;
+pub use s3::{S3Storage, TransferTuning};
 
 /// One stored object, as `list` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,47 +89,66 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("`{uri}`: {scheme}:// storage is not supported yet; use a file:// URI")]
-    Unsupported { uri: String, scheme: String },
-    #[error("`{uri}` is not a storage URI: {reason}")]
-    InvalidUri { uri: String, reason: String },
-    #[error("{key:?} is not a valid object key: {reason}")]
-    InvalidKey { key: String, reason: &'static str },
-    #[error("{location}: no such object")]
-    NotFound { location: String },
-    #[error("{path}: cannot {action}: {source}")]
-    Io {
-        path: PathBuf,
-        action: &'static str,
-        source: io::Error,
-    },
+/// How to reach object storage: the session's `spec.storage`, plus transfer tuning.
+/// Unset fields fall back to the AWS default chain (`AWS_ENDPOINT_URL_S3`, `AWS_REGION`,
+/// web identity, profile).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StorageSettings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    /// Fixed access keys for a local run or a test server; `None` (the norm, and always
+    /// in a cluster) uses the default chain: env, web identity, profile.
+    pub access_keys: Option<AccessKeys>,
+    pub tuning: TransferTuning,
 }
 
-impl StorageError {
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, StorageError::NotFound { .. })
-    }
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessKeys {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
 
-    pub(crate) fn io(path: &Path, action: &'static str, source: io::Error) -> Self {
-        StorageError::Io {
-            path: path.to_path_buf(),
-            action,
-            source,
+impl std::fmt::Debug for AccessKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret, not even in a debug log.
+        f.debug_struct("AccessKeys")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<&dreambooth_api::spec::Storage> for StorageSettings {
+    fn from(spec: &dreambooth_api::spec::Storage) -> Self {
+        StorageSettings {
+            endpoint: spec.endpoint.clone(),
+            region: spec.region.clone(),
+            force_path_style: spec.force_path_style,
+            access_keys: None,
+            tuning: TransferTuning::default(),
         }
     }
 }
 
-/// Opens the storage a URI names: `file:///abs/path`, `file://./relative` or
-/// `file://relative` (both relative to the current directory). Other schemes the
-/// session format knows (`s3://`, `https://`, `hf://`) are refused by name until their
-/// backends exist, so a user sees which URI is the problem rather than a parse error.
+/// Opens `uri` with default settings (see `open_storage_with`).
 pub fn open_storage(uri: &str) -> Result<Box<dyn Storage>, StorageError> {
+    open_storage_with(uri, &StorageSettings::default())
+}
+
+/// Opens the read-write storage a URI names: `file:///abs/path`, `file://./relative`
+/// or `file://relative` (both relative to the current directory), or
+/// `s3://bucket/prefix`. `https://` and `hf://` are read-only sources, refused here by
+/// name so a user sees which URI is the problem.
+pub fn open_storage_with(
+    uri: &str,
+    settings: &StorageSettings,
+) -> Result<Box<dyn Storage>, StorageError> {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return Err(StorageError::InvalidUri {
             uri: uri.to_string(),
-            reason: "expected `file:///absolute/path` or `file://relative/path`".into(),
+            reason:
+                "expected `file:///absolute/path`, `file://relative/path` or `s3://bucket/prefix`"
+                    .into(),
         });
     };
     match scheme {
@@ -137,13 +166,18 @@ pub fn open_storage(uri: &str) -> Result<Box<dyn Storage>, StorageError> {
                 }
             })?))
         }
-        "s3" | "http" | "https" | "hf" => Err(StorageError::Unsupported {
+        "s3" => Ok(Box::new(S3Storage::open(uri, settings)?)),
+        "http" | "https" => Err(StorageError::ReadOnly {
             uri: uri.to_string(),
-            scheme: scheme.to_string(),
+            scheme: "https",
+        }),
+        "hf" => Err(StorageError::ReadOnly {
+            uri: uri.to_string(),
+            scheme: "hf",
         }),
         _ => Err(StorageError::InvalidUri {
             uri: uri.to_string(),
-            reason: format!("unknown scheme `{scheme}`; use file://"),
+            reason: format!("unknown scheme `{scheme}`; use file:// or s3://"),
         }),
     }
 }
@@ -226,6 +260,11 @@ impl StreamHash {
         self.bytes += chunk.len() as u64;
     }
 
+    /// Bytes hashed so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     pub(crate) fn finish(self) -> Transferred {
         Transferred {
             bytes: self.bytes,
@@ -267,17 +306,13 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_schemes_name_the_uri() {
-        for uri in [
-            "s3://bucket/anna",
-            "https://example.com/m.safetensors",
-            "hf://org/repo",
-        ] {
+    fn read_only_schemes_are_refused_as_outputs_naming_the_uri() {
+        for uri in ["https://example.com/m.safetensors", "hf://org/repo"] {
             let err = open_storage(uri).unwrap_err();
-            assert!(matches!(err, StorageError::Unsupported { .. }), "{uri}");
+            assert!(matches!(err, StorageError::ReadOnly { .. }), "{uri}");
             let message = err.to_string();
             assert!(message.contains(uri), "{message}");
-            assert!(message.contains("not supported yet"), "{message}");
+            assert!(message.contains("read-only"), "{message}");
         }
     }
 

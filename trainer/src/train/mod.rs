@@ -3,7 +3,9 @@
 
 pub mod class_images;
 pub mod examples;
+pub mod inputs;
 pub mod loss_scale;
+pub mod low_memory;
 pub mod lr_schedule;
 pub mod objective;
 pub mod optimizer;

@@ -2,7 +2,7 @@
 //! continued training detected, precision chosen for the device, the seed picked and
 //! recorded, and what the model files say about themselves.
 
-use dreambooth_api::spec::MixedPrecision;
+use dreambooth_api::spec::{GradientCheckpointing, MixedPrecision};
 use dreambooth_api::{ResolvedTraining, Session};
 use tch::Device;
 
@@ -11,6 +11,7 @@ use super::trainer::{LoopSettings, StepPrecision};
 use crate::checkpoint::LoadedModel;
 use crate::data::PreparedDataset;
 use crate::export::model::ModelDescription;
+use crate::models::checkpointing;
 
 /// "Continue training": a base model that is an earlier session's output (its header
 /// says so) already has a trained text encoder, so its steps default to 0 (as the
@@ -96,14 +97,34 @@ pub(super) fn sample_prompts(
     }
 }
 
+/// `spec.training.gradientCheckpointing` for this device (see
+/// [`checkpointing::resolve`] for what `auto` means), said once in the log.
+pub(super) fn gradient_checkpointing(setting: GradientCheckpointing, device: Device) -> bool {
+    let enabled = checkpointing::resolve(setting, device);
+    if enabled && !checkpointing::available() {
+        tracing::warn!(
+            "spec.training.gradientCheckpointing: this build has no checkpoint shim \
+             (no CUDA headers beside libtorch); training without it"
+        );
+        return false;
+    }
+    tracing::info!(
+        "gradient checkpointing {} ({setting:?} on {device:?})",
+        if enabled { "on" } else { "off" }
+    );
+    enabled
+}
+
 /// The spec as run: presets and `auto` expanded, the seed chosen.
 pub(super) fn resolved_config(
     session: &Session,
     resolved: &ResolvedTraining,
     seed: u64,
+    gradient_checkpointing: bool,
 ) -> serde_json::Value {
     let mut spec = session.spec.clone();
     spec.training.seed = Some(seed);
+    spec.training.gradient_checkpointing = GradientCheckpointing::Forced(gradient_checkpointing);
     spec.training.unet.steps = Some(dreambooth_api::spec::Steps::Count(resolved.unet_steps));
     spec.training.unet.learning_rate = Some(resolved.unet_learning_rate);
     spec.training.text_encoder.steps = Some(dreambooth_api::spec::Steps::Count(

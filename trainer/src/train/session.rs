@@ -15,15 +15,17 @@ use tch::Device;
 
 use super::class_images::ensure_class_images;
 use super::examples::{Example, encode_example};
+use super::inputs::{fetch_inputs, storage_failure};
 use super::preemption::StopSignal;
 use super::run_settings::{
-    continued_training, describe, is_checkpoint, loop_settings, random_seed, resolved_config,
-    sample_prompts,
+    continued_training, describe, gradient_checkpointing, is_checkpoint, loop_settings,
+    random_seed, resolved_config, sample_prompts,
 };
 use super::state::{StateInfo, load_state, save_state};
 use super::trainer::{StepPrecision, Trainer};
 use crate::checkpoint::{LoadedModel, load_pipeline_weights};
 use crate::data::{self, InstanceImage};
+use crate::export::ExportError;
 use crate::export::manifest::rfc3339_utc;
 use crate::export::model::{SampleRenderer, snapshot, write_model};
 use crate::export::{
@@ -32,7 +34,7 @@ use crate::export::{
 };
 use crate::pipeline::Models;
 use crate::schedulers::SchedulerConfig;
-use crate::storage::{Storage, open_storage};
+use crate::storage::{Storage, StorageError, StorageSettings, open_storage_with};
 use crate::tokenizer::ClipTokenizer;
 
 /// Why a session stopped early, with the exit code the operator acts on.
@@ -46,6 +48,9 @@ pub enum SessionError {
     Infrastructure(String),
     #[error("stopped by a signal after step {step}; the training state is saved")]
     Preempted { step: u32 },
+    /// A signal before the first step: nothing to save, a rerun starts over.
+    #[error("stopped by a signal while {stage}, before training started")]
+    StoppedBeforeTraining { stage: &'static str },
     #[error("{0}")]
     Internal(String),
 }
@@ -56,7 +61,9 @@ impl SessionError {
             SessionError::Config(_) => ExitKind::BadConfig,
             SessionError::Data(_) => ExitKind::BadData,
             SessionError::Infrastructure(_) => ExitKind::Retriable,
-            SessionError::Preempted { .. } => ExitKind::Preempted,
+            SessionError::Preempted { .. } | SessionError::StoppedBeforeTraining { .. } => {
+                ExitKind::Preempted
+            }
             SessionError::Internal(_) => ExitKind::Internal,
         }
     }
@@ -76,6 +83,9 @@ pub type ProgressSink<'a> = &'a mut dyn FnMut(&Progress);
 pub struct SessionOptions {
     pub device: Device,
     pub stop: StopSignal,
+    /// Where downloaded inputs (base model, images) are cached between attempts
+    /// (`--cache-dir`; an emptyDir in a pod). `None`: a scratch folder for this run.
+    pub cache_dir: Option<PathBuf>,
 }
 
 pub fn run_session(
@@ -89,8 +99,9 @@ pub fn run_session(
         let errors: Vec<String> = report.errors().map(|p| p.to_string()).collect();
         return Err(SessionError::Config(errors.join("\n")));
     }
-    let storage =
-        open_storage(&spec.output.uri).map_err(|e| SessionError::Config(e.to_string()))?;
+    let settings = StorageSettings::from(&spec.storage);
+    let storage = open_storage_with(&spec.output.uri, &settings)
+        .map_err(|e| storage_failure("spec.output.uri", e))?;
     if let Some(done) = finished_before(session, storage.as_ref())? {
         tracing::info!("{} is already complete; nothing to do", done.manifest_uri);
         return Ok(done);
@@ -98,14 +109,18 @@ pub fn run_session(
     let scratch = tempfile::tempdir().map_err(|e| SessionError::Infrastructure(e.to_string()))?;
     let mut snapshot_progress = Progress {
         session: session.name.clone(),
-        stage: Stage::Preparing,
+        stage: Stage::Downloading,
         ..Progress::default()
     };
     progress(&snapshot_progress);
+    let inputs = fetch_inputs(spec, settings, options.cache_dir.as_deref())?;
+    stop_point(options, "downloading the inputs")?;
+    snapshot_progress.stage = Stage::Preparing;
+    progress(&snapshot_progress);
 
-    let mut base = load_base_model(spec.base_model.effective_uri().as_str())?;
-    let dataset_dir = local_path(&spec.dataset.uri, "spec.dataset.uri")?;
-    let prepared = data::prepare(&dataset_dir, &spec.dataset)
+    let mut base = load_pipeline_weights(&inputs.base_model)
+        .map_err(|e| SessionError::Config(e.to_string()))?;
+    let prepared = data::prepare(&inputs.dataset, &spec.dataset)
         .map_err(|e| SessionError::Data(e.to_string()))?;
     for warning in &prepared.report.warnings {
         tracing::warn!("dataset: {warning}");
@@ -123,7 +138,7 @@ pub fn run_session(
     let tokenizer =
         ClipTokenizer::from_dir(&tokenizer_dir).map_err(|e| SessionError::Config(e.to_string()))?;
     let device = options.device;
-    let (models, stores) =
+    let (mut models, stores) =
         Models::load(&base, device).map_err(|e| SessionError::Config(e.to_string()))?;
     // The networks hold their own copy; from here on `base` only lends its configs.
     for component in [&mut base.unet, &mut base.text_encoder, &mut base.vae] {
@@ -149,7 +164,15 @@ pub fn run_session(
         size: (side, side),
     };
     let generated = generated_class_images(spec, &models, &renderer, storage.as_ref())?;
-    let classes = class_examples(spec, &models, &tokenizer, device, &generated)?;
+    let classes = class_examples(
+        spec,
+        &models,
+        &tokenizer,
+        device,
+        inputs.class_images.as_deref(),
+        &generated,
+    )?;
+    stop_point(options, "preparing the data")?;
     let settings = loop_settings(spec, &resolved, &base, seed, device, !classes.is_empty());
     match settings.precision {
         StepPrecision::Bf16Autocast => {
@@ -162,13 +185,11 @@ pub fn run_session(
         }
         StepPrecision::Fp32 => {}
     }
-    if spec.training.gradient_checkpointing
-        == dreambooth_api::spec::GradientCheckpointing::Forced(true)
-    {
-        tracing::warn!(
-            "spec.training.gradientCheckpointing: not available in this build yet; training without it"
-        );
-    }
+    let checkpointing = gradient_checkpointing(spec.training.gradient_checkpointing, device);
+    models.unet.set_gradient_checkpointing(checkpointing);
+    models
+        .text_encoder
+        .set_gradient_checkpointing(checkpointing);
     let total = settings.total_steps();
     let alphas_cumprod = scheduler_config.alphas_cumprod();
     let mut trainer = Trainer::new(
@@ -188,6 +209,15 @@ pub fn run_session(
     }
     snapshot_progress.total_steps = total;
     snapshot_progress.step = start;
+    // Training starts now: observers see the total and the end of data preparation
+    // before the first step, which may take long (CUDA graph capture, a cold cache).
+    if start < total {
+        snapshot_progress.stage = match trainer.settings.phase_of(start).0 {
+            super::trainer::Phase::TextEncoder => Stage::TextEncoder,
+            super::trainer::Phase::Unet => Stage::Unet,
+        };
+        progress(&snapshot_progress);
+    }
 
     let timer = Instant::now();
     for step in start..total {
@@ -263,7 +293,7 @@ pub fn run_session(
         created_at: rfc3339_utc(std::time::SystemTime::now()),
         artifacts: Vec::new(),
         dataset: Some(prepared.report.clone()),
-        config: resolved_config(session, &resolved, seed),
+        config: resolved_config(session, &resolved, seed, checkpointing),
     };
     let manifest_uri = writer.finish(manifest).map_err(infra)?;
     snapshot_progress.stage = Stage::Done;
@@ -299,23 +329,35 @@ fn finished_before(
     }))
 }
 
-fn infra(error: impl std::fmt::Display) -> SessionError {
-    SessionError::Infrastructure(error.to_string())
-}
-
-fn load_base_model(uri: &str) -> Result<LoadedModel, SessionError> {
-    let path = local_path(uri, "spec.baseModel.uri")?;
-    load_pipeline_weights(&path).map_err(|e| SessionError::Config(e.to_string()))
-}
-
-/// `file://` URIs as local paths. Other schemes arrive with object storage.
-fn local_path(uri: &str, field: &str) -> Result<PathBuf, SessionError> {
-    match uri.strip_prefix("file://") {
-        Some(path) => Ok(PathBuf::from(path)),
-        None => Err(SessionError::Config(format!(
-            "{field}: `{uri}`: only file:// is supported by this build so far"
-        ))),
+/// Errors while writing or reading outputs: storage that may recover (unreachable,
+/// throttled, a local disk hiccup) is retriable; refused credentials or a missing
+/// bucket need the user.
+/// Downloads and data preparation can outlast a pod's grace period; a signal during them
+/// is honoured at the next stage boundary rather than at the first step.
+fn stop_point(options: &SessionOptions, stage: &'static str) -> Result<(), SessionError> {
+    if options.stop.requested() {
+        return Err(SessionError::StoppedBeforeTraining { stage });
     }
+    Ok(())
+}
+
+fn infra(error: impl Into<ExportError>) -> SessionError {
+    match error.into() {
+        ExportError::Storage(error) if is_config_error(&error) => {
+            SessionError::Config(error.to_string())
+        }
+        other => SessionError::Infrastructure(other.to_string()),
+    }
+}
+
+fn is_config_error(error: &StorageError) -> bool {
+    matches!(
+        error,
+        StorageError::AccessDenied { .. }
+            | StorageError::NoSuchBucket { .. }
+            | StorageError::InvalidUri { .. }
+            | StorageError::ReadOnly { .. }
+    )
 }
 
 fn encode_examples(
@@ -381,15 +423,15 @@ fn class_examples(
     models: &Models,
     tokenizer: &ClipTokenizer,
     device: Device,
+    class_dir: Option<&Path>,
     generated: &[(String, Vec<u8>)],
 ) -> Result<Vec<Example>, SessionError> {
     let Some(prior) = &spec.dataset.prior_preservation else {
         return Ok(Vec::new());
     };
     let side = spec.dataset.resolution;
-    let images: Vec<InstanceImage> = match &prior.class_images_uri {
-        Some(uri) => {
-            let folder = local_path(uri, "spec.dataset.priorPreservation.classImagesUri")?;
+    let images: Vec<InstanceImage> = match (&prior.class_images_uri, class_dir) {
+        (Some(uri), Some(folder)) => {
             let class_dataset = Dataset {
                 uri: uri.clone(),
                 token: Some("class".into()),
@@ -397,7 +439,7 @@ fn class_examples(
                 skip_invalid: true,
                 ..spec.dataset.clone()
             };
-            let prepared = data::prepare(&folder, &class_dataset)
+            let prepared = data::prepare(folder, &class_dataset)
                 .map_err(|e| SessionError::Data(e.to_string()))?;
             prepared
                 .images
@@ -405,7 +447,7 @@ fn class_examples(
                 .take(prior.num_class_images as usize)
                 .collect()
         }
-        None => generated
+        _ => generated
             .iter()
             .map(|(key, bytes)| {
                 let rgb = data::decode::decode_rgb_bytes(bytes)

@@ -4,6 +4,12 @@
 //! Every random draw of step `g` comes from a generator seeded with `(seed, g)`, and the
 //! data order of each epoch from `(seed, phase, epoch)`, so a run resumed at any step
 //! continues exactly as the uninterrupted run would.
+//!
+//! On CUDA each phase runs a few eager warm-up steps and then replays the whole step as
+//! one CUDA graph ([`captured_step`]); the graph draws the same random numbers as the
+//! eager step, so both give the same losses.
+
+mod captured_step;
 
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
@@ -16,6 +22,7 @@ use super::objective::{NoiseSettings, NoisedBatch, loss, noise_batch};
 use super::optimizer::{AdamW, AdamWConfig};
 use crate::cuda;
 use crate::pipeline::{ModelVarStores, Models};
+use captured_step::StepMode;
 
 /// Which network a step trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,6 +93,27 @@ impl StepPrecision {
     }
 }
 
+/// A step whose work is queued on the device; reading it waits for the step to finish.
+pub struct PendingStep {
+    pub phase: Phase,
+    pub learning_rate: f64,
+    loss: Tensor,
+    grad_norm: Tensor,
+    applied: bool,
+}
+
+impl PendingStep {
+    pub fn read(&self) -> StepReport {
+        StepReport {
+            phase: self.phase,
+            loss: self.loss.double_value(&[]),
+            learning_rate: self.learning_rate,
+            grad_norm: self.grad_norm.double_value(&[]),
+            applied: self.applied,
+        }
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
@@ -110,6 +138,9 @@ pub struct Trainer {
     /// Only for fp16 autocast.
     pub loss_scaler: Option<LossScaler>,
     device: Device,
+    /// Whether a phase may be captured as a CUDA graph when it can be.
+    cuda_graphs: bool,
+    mode: StepMode,
 }
 
 impl Trainer {
@@ -136,11 +167,30 @@ impl Trainer {
             loss_scaler: (settings_precision == StepPrecision::Fp16Autocast)
                 .then(LossScaler::default),
             device,
+            cuda_graphs: true,
+            mode: StepMode::Eager,
         }
+    }
+
+    /// Eager steps only (`false`), e.g. to compare against the CUDA graph. Takes effect
+    /// at the next phase.
+    pub fn set_cuda_graphs(&mut self, enabled: bool) {
+        self.cuda_graphs = enabled;
+    }
+
+    /// Whether the current phase replays a captured CUDA graph.
+    pub fn replays_cuda_graph(&self) -> bool {
+        matches!(self.mode, StepMode::Replaying(_))
     }
 
     /// Runs global step `step` (0-based): the phase's network is updated once.
     pub fn step(&mut self, step: u32) -> StepReport {
+        self.launch_step(step).read()
+    }
+
+    /// [`Trainer::step`] without waiting for the device (except where fp16 loss scaling
+    /// must look at the gradients).
+    pub fn launch_step(&mut self, step: u32) -> PendingStep {
         let (phase, phase_step) = self.settings.phase_of(step);
         self.enter_phase(phase);
         let instance_ids = batch_indices(
@@ -162,39 +212,65 @@ impl Trainer {
             )
         };
         tch::manual_seed(step_seed(self.settings.seed, step));
-        let picked: Vec<&Example> = instance_ids
-            .iter()
-            .map(|&i| &self.instances[i])
-            .chain(class_ids.iter().map(|&i| &self.classes[i]))
-            .collect();
-        let loss_scale = self.loss_scaler.map_or(1.0, |s| s.scale);
-        let loss_value = self.forward_backward(phase, &picked, loss_scale);
         let learning_rate = self.settings.schedule(phase).lr_at(phase_step);
-        let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
-        if loss_scale != 1.0 {
-            optimizer.scale_grads(1.0 / loss_scale);
-        }
-        let grad_norm = optimizer.clip_grad_norm(1.0);
-        let applied = self
-            .loss_scaler
-            .as_mut()
-            .is_none_or(|scaler| scaler.update(grad_norm));
-        if applied {
-            optimizer.step(learning_rate);
-        }
-        optimizer.zero_grad();
-        StepReport {
+        let picked: Vec<usize> = instance_ids
+            .iter()
+            .copied()
+            .chain(class_ids.iter().map(|&i| self.instances.len() + i))
+            .collect();
+        let (loss, grad_norm, applied) = self.run_step(phase, &picked, learning_rate);
+        PendingStep {
             phase,
-            loss: loss_value,
             learning_rate,
+            loss,
             grad_norm,
             applied,
         }
     }
 
-    /// Loss of one batch and its gradients. Latents of different sizes (aspect buckets)
-    /// go through the UNet in groups, each group's loss weighted by its share.
-    fn forward_backward(&self, phase: Phase, picked: &[&Example], loss_scale: f64) -> f64 {
+    /// The example at `index` of instances followed by classes.
+    fn example(&self, index: usize) -> &Example {
+        self.instances
+            .get(index)
+            .unwrap_or_else(|| &self.classes[index - self.instances.len()])
+    }
+
+    /// One eager step on `picked` (indices into instances, then classes): forward,
+    /// backward, clip, update. Returns the loss, the grad norm and whether the update
+    /// was applied.
+    fn eager_step(
+        &mut self,
+        phase: Phase,
+        picked: &[usize],
+        learning_rate: f64,
+    ) -> (Tensor, Tensor, bool) {
+        let examples: Vec<&Example> = picked.iter().map(|&i| self.example(i)).collect();
+        let loss_scale = self.loss_scaler.map_or(1.0, |s| s.scale);
+        let loss = self.forward_backward(phase, &examples, loss_scale);
+        let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
+        if loss_scale != 1.0 {
+            optimizer.scale_grads(1.0 / loss_scale);
+        }
+        let (grad_norm, applied) = match self.loss_scaler.as_mut() {
+            // The scaler must see the norm now to decide whether to apply the update.
+            Some(scaler) => {
+                let norm = optimizer.clip_grad_norm(1.0);
+                (Tensor::from(norm), scaler.update(norm))
+            }
+            None if optimizer.is_fused() => (optimizer.clip_grad_norm_on_device(1.0), true),
+            None => (Tensor::from(optimizer.clip_grad_norm(1.0)), true),
+        };
+        if applied {
+            optimizer.step(learning_rate);
+        }
+        optimizer.zero_grad();
+        (loss, grad_norm, applied)
+    }
+
+    /// Loss of one batch (detached, on the device) and its gradients. Latents of
+    /// different sizes (aspect buckets) go through the UNet in groups, each group's loss
+    /// weighted by its share.
+    fn forward_backward(&self, phase: Phase, picked: &[&Example], loss_scale: f64) -> Tensor {
         let with_prior = self
             .settings
             .prior_loss_weight
@@ -210,7 +286,7 @@ impl Trainer {
         // Prior preservation needs instance and class halves side by side; with one
         // size (no buckets) that is a single group in [instances…, classes…] order.
         let total = picked.len() as f64;
-        let mut loss_sum = 0.0;
+        let mut loss_sum: Option<Tensor> = None;
         for (_, members) in groups {
             let share = members.len() as f64 / total;
             let latents = Tensor::cat(
@@ -231,9 +307,13 @@ impl Trainer {
             let prior = with_prior.filter(|_| members.len() % 2 == 0);
             let group_loss = loss(&prediction, &batch, prior) * share;
             (&group_loss * loss_scale).backward();
-            loss_sum += group_loss.double_value(&[]);
+            let group_loss = group_loss.detach();
+            loss_sum = Some(match loss_sum {
+                Some(sum) => sum + group_loss,
+                None => group_loss,
+            });
         }
-        loss_sum
+        loss_sum.expect("a step has at least one example")
     }
 
     /// The UNet's conditioning: the text encoder's output, differentiable in phase 1,
@@ -275,7 +355,18 @@ impl Trainer {
         }
         let store = self.store(phase);
         let params = trainable(store);
-        self.optimizer = Some((phase, AdamW::new(params, AdamWConfig::default())));
+        // libtorch's fused kernel on CUDA; our own loop elsewhere (the tested reference).
+        let optimizer = if self.device.is_cuda() && cuda::shim_available() {
+            AdamW::new_fused(params, AdamWConfig::default()).expect("the shim is built")
+        } else {
+            AdamW::new(params, AdamWConfig::default())
+        };
+        self.optimizer = Some((phase, optimizer));
+        // The previous phase's graph may still be running; its pool is freed with it.
+        if let (StepMode::Replaying(_), Device::Cuda(index)) = (&self.mode, self.device) {
+            tch::Cuda::synchronize(index as i64);
+        }
+        self.mode = self.step_mode_for(phase);
     }
 
     /// The frozen text encoder's output for every caption, computed once for phase 2.

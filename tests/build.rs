@@ -1,0 +1,22 @@
+//! An rpath to libtorch for the test binaries: `chart_contract` links the trainer crate
+//! (for its metrics registry), and link arguments from the trainer's own build script do not
+//! reach a dependent crate's binaries.
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
+    let Some(torch_dir) = env::var("LIBTORCH").ok().map(PathBuf::from) else {
+        return;
+    };
+    let torch_dir = torch_dir.canonicalize().unwrap_or(torch_dir);
+    let lib_dir = env::var("LIBTORCH_LIB")
+        .map(|l| PathBuf::from(l).join("lib"))
+        .unwrap_or_else(|_| torch_dir.join("lib"));
+    println!(
+        "cargo:rustc-link-arg-tests=-Wl,-rpath,{}",
+        lib_dir.display()
+    );
+}

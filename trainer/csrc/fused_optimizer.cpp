@@ -1,0 +1,89 @@
+// The optimizer half of a sync-free training step: libtorch's fused AdamW kernel with
+// the step count and learning rate in device tensors (so a CUDA graph can replay it with
+// a new LR), and a global grad-norm clip from foreach norms that never reads a value back
+// to the CPU. Tensors arrive as tch handles (`torch::Tensor*`). Compiled by build.rs
+// only when the CUDA headers are present; the kernels run on CPU tensors too.
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+namespace {
+
+std::vector<at::Tensor> gather(at::Tensor* const* tensors, int64_t count) {
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) out.push_back(*tensors[i]);
+  return out;
+}
+
+void report(const std::exception& e, char* error, size_t error_len) {
+  if (error != nullptr && error_len > 0) std::snprintf(error, error_len, "%s", e.what());
+}
+
+}  // namespace
+
+extern "C" {
+
+// One AdamW update of `count` parameters: `step += 1`, then the fused kernel, which
+// reads the step (for bias correction) and the LR from device memory. Returns 0 on
+// success, else 1 with the message in `error`.
+int dbt_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
+                    at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                    int64_t count, at::Tensor* step, at::Tensor* lr, double beta1,
+                    double beta2, double weight_decay, double eps, char* error,
+                    size_t error_len) {
+  try {
+    c10::NoGradGuard no_grad;
+    step->add_(1);
+    // Every parameter shares the one step tensor: the kernel only reads it.
+    std::vector<at::Tensor> steps(static_cast<size_t>(count), *step);
+    at::_fused_adamw_(gather(params, count), gather(grads, count),
+                      gather(exp_avgs, count), gather(exp_avg_sqs, count), {}, steps,
+                      *lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                      /*maximize=*/false);
+    return 0;
+  } catch (const std::exception& e) {
+    report(e, error, error_len);
+    return 1;
+  }
+}
+
+// Scales the gradients so their global L2 norm is at most `max_norm` (as
+// torch.nn.utils.clip_grad_norm_ with foreach) and returns the norm before clipping as
+// a new 0-d tensor on the gradients' device, or null with the message in `error`.
+at::Tensor* dbt_clip_grad_norm(at::Tensor* const* grads, int64_t count, double max_norm,
+                               char* error, size_t error_len) {
+  try {
+    c10::NoGradGuard no_grad;
+    auto list = gather(grads, count);
+    auto norms = at::_foreach_norm(list, 2);
+    auto total = at::linalg_vector_norm(at::stack(norms), 2);
+    auto coefficient = (max_norm / (total + 1e-6)).clamp_max(1.0);
+    at::_foreach_mul_(list, coefficient);
+    return new at::Tensor(total);
+  } catch (const std::exception& e) {
+    report(e, error, error_len);
+    return nullptr;
+  }
+}
+
+// Drops the gradients of `count` parameters (PyTorch's zero_grad(set_to_none=True)): the
+// next backward allocates them, so they do not sit beside the forward's activations.
+// Host-only: inside a CUDA-graph capture it makes backward allocate them in the pool.
+int dbt_clear_grads(at::Tensor* const* params, int64_t count, char* error,
+                    size_t error_len) {
+  try {
+    for (int64_t i = 0; i < count; ++i) params[i]->mutable_grad().reset();
+    return 0;
+  } catch (const std::exception& e) {
+    report(e, error, error_len);
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -228,9 +228,16 @@ pub struct Training {
     /// Images per optimizer step.
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
-    /// Trade compute for memory: `auto` turns it on when the GPU would run out.
+    /// Trade about a third more compute for most of the activation memory. `auto`: on
+    /// for a CUDA device with less than 20 GiB, off otherwise and on the CPU; always on
+    /// with `memory: lowMemory`.
     #[serde(default)]
     pub gradient_checkpointing: GradientCheckpointing,
+    /// How the weights and optimizer states are held: `default` (fp32) or `lowMemory`
+    /// (bf16 weights and AdamW states, gradient checkpointing; about half the memory,
+    /// eager steps). Not with `mixedPrecision: fp16`.
+    #[serde(default)]
+    pub memory: MemoryMode,
     #[serde(default)]
     pub lr_scheduler: LrScheduler,
     /// Steps of linear warmup at the start of each phase.
@@ -313,6 +320,20 @@ pub enum MixedPrecision {
     Fp16,
     /// Full fp32.
     No,
+}
+
+/// Where the memory of a training step goes (`training.memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum MemoryMode {
+    /// fp32 master weights and AdamW states, the forward pass under `mixedPrecision`
+    /// autocast: the reference numerics.
+    #[default]
+    Default,
+    /// bf16 weights updated with stochastic rounding, bf16 AdamW states and gradient
+    /// checkpointing: about half the memory (SD 1.5's UNet fits a 12 GB card), eager
+    /// steps (no CUDA graph). Exports still use `checkpoints.precision`.
+    LowMemory,
 }
 
 /// `auto`, `true` or `false`.

@@ -6,7 +6,9 @@
 use std::fmt;
 
 use crate::presets::{self, ResolveError};
-use crate::spec::{Captions, SessionSpec, Steps};
+use crate::spec::{
+    Captions, GradientCheckpointing, MemoryMode, MixedPrecision, SessionSpec, Steps, Training,
+};
 
 /// Tokens that are ordinary words: training one would overwrite what the model knows.
 const DENIED_TOKENS: &[&str] = &[
@@ -327,6 +329,28 @@ fn check_training(report: &mut Report, spec: &SessionSpec) {
         report.error(
             "training.minSnrGamma",
             format!("{gamma} is outside (0, 100]"),
+        );
+    }
+    check_memory(report, training);
+}
+
+/// `lowMemory` keeps the weights in bf16 and relies on checkpointing for its saving.
+fn check_memory(report: &mut Report, training: &Training) {
+    if training.memory != MemoryMode::LowMemory {
+        return;
+    }
+    if training.mixed_precision == MixedPrecision::Fp16 {
+        report.error(
+            "training.mixedPrecision",
+            "`fp16` does not combine with `memory: lowMemory`, whose weights are bf16; \
+             use `bf16`",
+        );
+    }
+    if training.gradient_checkpointing == GradientCheckpointing::Forced(false) {
+        report.error(
+            "training.gradientCheckpointing",
+            "`false` contradicts `memory: lowMemory`, which turns checkpointing on; \
+             use `auto` or `true`",
         );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dreambooth_api::spec::{Crop, ModelVersion, Preset, Steps};
+use dreambooth_api::spec::{Crop, MemoryMode, ModelVersion, Preset, Steps};
 use dreambooth_api::{Session, SessionFileError, validate};
 
 fn parse_yaml(text: &str) -> Result<Session, SessionFileError> {
@@ -72,6 +72,24 @@ fn gradient_checkpointing_is_auto_or_a_boolean() {
     let error = parse("sometimes").unwrap_err().to_string();
     assert!(
         error.contains("spec.training.gradientCheckpointing"),
+        "{error}"
+    );
+}
+
+#[test]
+fn memory_is_default_or_low_memory() {
+    let parse = |value: &str| parse_yaml(&format!("training:\n  memory: {value}\n"));
+    assert_eq!(
+        parse("lowMemory").unwrap().spec.training.memory,
+        MemoryMode::LowMemory
+    );
+    assert_eq!(
+        parse_yaml("training: {}\n").unwrap().spec.training.memory,
+        MemoryMode::Default
+    );
+    let error = parse("low").unwrap_err().to_string();
+    assert!(
+        error.contains("spec.training.memory") && error.contains("lowMemory"),
         "{error}"
     );
 }

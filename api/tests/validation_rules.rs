@@ -355,6 +355,41 @@ fn training_ranges_are_checked() {
 }
 
 #[test]
+fn low_memory_rejects_fp16_and_checkpointing_turned_off() {
+    let low = |s: &mut SessionSpec| s.training.memory = MemoryMode::LowMemory;
+    rule(
+        "spec.training.mixedPrecision",
+        |s| {
+            low(s);
+            s.training.mixed_precision = MixedPrecision::Bf16;
+        },
+        |s| {
+            low(s);
+            s.training.mixed_precision = MixedPrecision::Fp16;
+        },
+        "does not combine with `memory: lowMemory`",
+    );
+    rule(
+        "spec.training.gradientCheckpointing",
+        |s| {
+            low(s);
+            s.training.gradient_checkpointing = GradientCheckpointing::Forced(true);
+        },
+        |s| {
+            low(s);
+            s.training.gradient_checkpointing = GradientCheckpointing::Forced(false);
+        },
+        "contradicts `memory: lowMemory`",
+    );
+    // Both are fine in the default mode.
+    let mut spec = base();
+    spec.training.mixed_precision = MixedPrecision::Fp16;
+    spec.training.gradient_checkpointing = GradientCheckpointing::Forced(false);
+    assert!(errors_at(&spec, "spec.training.mixedPrecision").is_empty());
+    assert!(errors_at(&spec, "spec.training.gradientCheckpointing").is_empty());
+}
+
+#[test]
 fn checkpoint_settings_are_checked() {
     rule(
         "spec.checkpoints.every",

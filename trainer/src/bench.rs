@@ -10,7 +10,7 @@ use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use dreambooth_api::spec::LrScheduler;
+use dreambooth_api::spec::{LrScheduler, MemoryMode as TrainingMemory};
 
 use crate::cuda;
 use crate::models::clip::{ClipTextConfig, clip_text_model};
@@ -29,12 +29,23 @@ const SEQUENCE_LENGTH: i64 = 77;
 /// Distinct synthetic examples the data order cycles through.
 const EXAMPLES: usize = 4;
 
-/// `default`: fp32 master weights and AdamW states. `low`: gradient checkpointing too.
+/// `default`: fp32 master weights and AdamW states. `low`: the session's
+/// `training.memory: lowMemory` (bf16 weights and states, gradient checkpointing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum MemoryMode {
     Default,
     Low,
+}
+
+impl MemoryMode {
+    /// The spec's memory mode this option stands for.
+    pub fn training_memory(self) -> TrainingMemory {
+        match self {
+            MemoryMode::Default => TrainingMemory::Default,
+            MemoryMode::Low => TrainingMemory::LowMemory,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -93,14 +104,11 @@ pub fn random_trainer(config: &BenchConfig, seed: i64) -> Trainer {
         unet: VarStore::new(config.device),
         vae: VarStore::new(config.device),
     };
-    let mut models = Models {
+    let models = Models {
         text_encoder: clip_text_model(stores.text_encoder.root(), &text_config),
         unet: unet(stores.unet.root(), &unet_config),
         vae: autoencoder_kl(stores.vae.root(), &tiny_vae()),
     };
-    if config.memory == MemoryMode::Low {
-        models.unet.set_gradient_checkpointing(true);
-    }
     let side = config.resolution / 8;
     let options = (Kind::Float, config.device);
     let examples = (0..EXAMPLES)
@@ -140,6 +148,7 @@ pub fn random_trainer(config: &BenchConfig, seed: i64) -> Trainer {
         } else {
             StepPrecision::Fp32
         },
+        memory: config.memory.training_memory(),
     };
     let mut trainer = Trainer::new(
         models,
@@ -302,6 +311,27 @@ mod tests {
             // No CUDA on the CPU: the eager step, named as such.
             assert_eq!(report.implementation, "dreambooth-eager");
         }
+    }
+
+    #[test]
+    fn low_memory_bench_runs_the_trainers_low_memory_path() {
+        let config = BenchConfig {
+            memory: MemoryMode::Low,
+            ..tiny(Phase::Unet)
+        };
+        let trainer = random_trainer(&config, 0);
+        assert_eq!(trainer.settings.memory, TrainingMemory::LowMemory);
+        let kinds: Vec<Kind> = trainer
+            .stores
+            .unet
+            .variables()
+            .values()
+            .map(Tensor::kind)
+            .collect();
+        assert!(kinds.iter().all(|k| *k == Kind::BFloat16), "{kinds:?}");
+        let report = bench(&config);
+        assert_eq!(report.memory, MemoryMode::Low);
+        assert!(report.final_loss.is_finite(), "{report:?}");
     }
 
     #[test]

@@ -65,6 +65,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Write a diffusers folder of the full-size SD 1.5 or 2.1 architecture with random
+    /// weights (fp16): whole-session benchmarks where real weights cannot be downloaded.
+    RandomModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "sd15")]
+        arch: Arch,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
     /// Write the demo's photos: a toy on varied backgrounds, named like a DreamBooth dataset.
     DemoPhotos {
         #[arg(long)]
@@ -115,7 +125,8 @@ struct BenchArgs {
     /// the frozen UNet.
     #[arg(long, value_enum, default_value = "unet")]
     phase: BenchPhase,
-    /// `low`: gradient checkpointing (fits a 12 GB card; slower).
+    /// `low`: the session's `training.memory: lowMemory` (bf16 weights and AdamW states,
+    /// gradient checkpointing; eager).
     #[arg(long, value_enum, default_value = "default")]
     memory: bench::MemoryMode,
     /// Eager steps only, no CUDA graph (fused AdamW still on CUDA).
@@ -142,6 +153,15 @@ enum BenchPhase {
 enum Arch {
     Sd15,
     Sd21,
+}
+
+impl Arch {
+    fn version(self) -> KnownVersion {
+        match self {
+            Arch::Sd15 => KnownVersion::Sd15,
+            Arch::Sd21 => KnownVersion::Sd21,
+        }
+    }
 }
 
 fn main() -> Result<ExitCode> {
@@ -181,6 +201,11 @@ fn main() -> Result<ExitCode> {
                 TinyVariant::Sd1
             };
             tiny_model::write_tiny_model(&out, variant, seed)?;
+            println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RandomModel { out, arch, seed } => {
+            tiny_model::write_full_size_model(&out, arch.version(), seed)?;
             println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -434,10 +459,7 @@ impl ProgressLine {
 fn bench_config(args: &BenchArgs) -> Result<bench::BenchConfig> {
     let device = parse_device(args.device.as_deref())?;
     Ok(bench::BenchConfig {
-        version: match args.arch {
-            Arch::Sd15 => KnownVersion::Sd15,
-            Arch::Sd21 => KnownVersion::Sd21,
-        },
+        version: args.arch.version(),
         tiny: args.tiny,
         phase: match args.phase {
             BenchPhase::Unet => Phase::Unet,

@@ -1,5 +1,6 @@
-//! `dreambooth-trainer tiny-model`: a complete diffusers folder with tiny random weights
-//! and CLIP's tokenizer, for tests and the demo (real weights need a download).
+//! `dreambooth-trainer tiny-model`: a complete diffusers folder with random weights and
+//! CLIP's tokenizer: tiny for tests and the demo, or the full SD 1.5 / 2.1 architecture
+//! for benchmarks of whole sessions on machines that cannot download real weights.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use crate::models::clip::{ClipTextConfig, clip_text_model};
 use crate::models::config::{UNetConfig, VaeConfig};
 use crate::models::unet::unet;
 use crate::models::vae::autoencoder_kl;
+use crate::models::versions::KnownVersion;
 use crate::schedulers::PredictionType;
 
 /// CLIP's own vocabulary, so a tiny model's single file works without a tokenizer folder
@@ -94,10 +96,55 @@ pub fn write_tiny_model(
     variant: TinyVariant,
     seed: i64,
 ) -> Result<(), CheckpointError> {
-    tch::manual_seed(seed);
     let text = text_config(variant);
-    let unet_json = unet_config(variant, text.hidden_size);
-    let vae_json = vae_config();
+    let architecture = Architecture {
+        unet: unet_config(variant, text.hidden_size),
+        vae: vae_config(),
+        text,
+        sd2: variant == TinyVariant::Sd2,
+    };
+    write_random_model(out, &architecture, seed, Precision::Fp32)
+}
+
+/// The published SD 1.5 or 2.1 architecture with random weights, stored in fp16
+/// (half the bytes to write and read; training upcasts as it does for real fp16 folders).
+pub fn write_full_size_model(
+    out: &Path,
+    version: KnownVersion,
+    seed: i64,
+) -> Result<(), CheckpointError> {
+    let (unet, vae, _) = version.configs();
+    let parse = |json: &str| serde_json::from_str::<Value>(json).expect("published config");
+    let architecture = Architecture {
+        unet: parse(unet),
+        vae: parse(vae),
+        text: version.text_encoder(),
+        sd2: version == KnownVersion::Sd21,
+    };
+    write_random_model(out, &architecture, seed, Precision::Fp16)
+}
+
+struct Architecture {
+    unet: Value,
+    vae: Value,
+    text: ClipTextConfig,
+    /// SD 2.x: OpenCLIP tokenizer padding and v-prediction.
+    sd2: bool,
+}
+
+fn write_random_model(
+    out: &Path,
+    architecture: &Architecture,
+    seed: i64,
+    precision: Precision,
+) -> Result<(), CheckpointError> {
+    tch::manual_seed(seed);
+    let Architecture {
+        unet: unet_json,
+        vae: vae_json,
+        text,
+        sd2,
+    } = architecture;
     let invalid = |e: &dyn std::fmt::Display| CheckpointError::invalid(out, e.to_string());
 
     let unet_vs = nn::VarStore::new(Device::Cpu);
@@ -111,14 +158,15 @@ pub fn write_tiny_model(
         &VaeConfig::from_json(&vae_json.to_string()).map_err(|e| invalid(&e))?,
     );
     let text_vs = nn::VarStore::new(Device::Cpu);
-    clip_text_model(text_vs.root(), &text);
+    clip_text_model(text_vs.root(), text);
 
-    let tokenizer_dir = crate::tokenizer::bundled_tokenizer_dir(variant == TinyVariant::Sd2)
-        .map_err(|e| CheckpointError::io(out, e))?;
+    let tokenizer_dir =
+        crate::tokenizer::bundled_tokenizer_dir(*sd2).map_err(|e| CheckpointError::io(out, e))?;
 
-    let (version, prediction) = match variant {
-        TinyVariant::Sd1 => (SdVersion::Sd1, PredictionType::Epsilon),
-        TinyVariant::Sd2 => (SdVersion::Sd2, PredictionType::VPrediction),
+    let (version, prediction) = if *sd2 {
+        (SdVersion::Sd2, PredictionType::VPrediction)
+    } else {
+        (SdVersion::Sd1, PredictionType::Epsilon)
     };
     let component = |vs: &nn::VarStore, config: Value| Component {
         tensors: var_store_tensors(vs),
@@ -130,11 +178,11 @@ pub fn write_tiny_model(
         kind: SourceKind::DiffusersFolder,
         version,
         prediction_type: prediction,
-        unet: component(&unet_vs, unet_json),
+        unet: component(&unet_vs, unet_json.clone()),
         text_encoder: component(&text_vs, text.to_transformers_json()),
-        vae: component(&vae_vs, vae_json),
+        vae: component(&vae_vs, vae_json.clone()),
         scheduler: crate::checkpoint::default_scheduler(version, prediction),
         tokenizer: Some(tokenizer_dir),
     };
-    save_diffusers_folder(&model, out, Precision::Fp32)
+    save_diffusers_folder(&model, out, precision)
 }

@@ -1,17 +1,17 @@
 //! The memory modes on a real GPU with the full SD 1.5 UNet: gradient checkpointing under
 //! bf16 autocast (the backward runs on libtorch's device thread) gives the gradients of
-//! the plain pass with a lower peak, and a whole `lowMemory` step (bf16 weights and
-//! states, checkpointing) peaks far below the default one. Both need CUDA, so they are
+//! the plain pass with a lower peak, and the trainer's `lowMemory` step (bf16 weights
+//! and states, checkpointing) peaks far below the default one. Both need CUDA, so they are
 //! ignored in CI; run them with `cargo test --test memory_modes_gpu -- --ignored`.
 
 use std::time::Instant;
 
+use dreambooth_trainer::bench::{BenchConfig, BenchReport, MemoryMode, bench};
 use dreambooth_trainer::cuda;
 use dreambooth_trainer::models::checkpointing;
 use dreambooth_trainer::models::unet;
 use dreambooth_trainer::models::versions::KnownVersion;
-use dreambooth_trainer::train::low_memory::LowMemoryAdamW;
-use dreambooth_trainer::train::optimizer::{AdamW, AdamWConfig};
+use dreambooth_trainer::train::trainer::Phase;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -92,67 +92,42 @@ fn sd15_checkpointing_under_bf16_autocast_matches_and_lowers_the_peak() {
     assert!(peak_on < 0.7 * peak_off, "{peak_on} vs {peak_off} GiB");
 }
 
-/// Three UNet training steps in one memory mode; returns the peak GiB and ms per step.
-fn unet_steps(low_memory: bool) -> (f64, f64, f64) {
-    tch::manual_seed(0);
-    let mut vs = VarStore::new(Device::Cuda(0));
-    let mut model = unet(vs.root(), &KnownVersion::Sd15.unet());
-    if low_memory {
-        vs.bfloat16();
-        model.set_gradient_checkpointing(true);
-    }
-    let params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    let config = AdamWConfig::default();
-    let mut step: Box<dyn FnMut()> = if low_memory {
-        let mut opt = LowMemoryAdamW::new(params, config);
-        eprintln!(
-            "lowMemory weights+states: {:.2} GiB",
-            opt.memory_bytes() as f64 / GIB
-        );
-        Box::new(move || {
-            opt.clip_grad_norm(1.0);
-            opt.step(2e-6);
-            opt.zero_grad();
-        })
-    } else {
-        let mut opt = AdamW::new(params, config);
-        Box::new(move || {
-            opt.clip_grad_norm(1.0);
-            opt.step(2e-6);
-            opt.zero_grad();
-        })
-    };
-    let (sample, timesteps, context) = inputs();
-    reset_peak();
-    let mut losses = Vec::new();
-    let started = Instant::now();
-    for _ in 0..3 {
-        let out = cuda::autocast(true, || model.forward(&sample, &timesteps, &context));
-        let loss = (out.to_kind(Kind::Float) - &sample)
-            .square()
-            .mean(Kind::Float);
-        loss.backward();
-        step();
-        losses.push(loss.double_value(&[]));
-    }
-    tch::Cuda::synchronize(0);
-    let ms = started.elapsed().as_secs_f64() * 1e3 / 3.0;
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-    (peak_since_reset(), ms, losses[2])
+/// `bench --memory <mode>` on SD 1.5 at 512 px, batch 1, eager steps under bf16
+/// autocast: the trainer's own path, so `lowMemory` here is what a session runs.
+fn unet_bench(memory: MemoryMode) -> BenchReport {
+    bench(&BenchConfig {
+        version: KnownVersion::Sd15,
+        tiny: false,
+        phase: Phase::Unet,
+        memory,
+        resolution: 512,
+        batch: 1,
+        steps: 3,
+        warmup: 2,
+        device: Device::Cuda(0),
+        bf16: true,
+        eager: true,
+    })
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn sd15_low_memory_unet_step_peaks_far_below_the_default() {
     assert!(tch::Cuda::is_available() && checkpointing::available());
-    cuda::set_autocast_bf16(true).unwrap();
-    let (default_gib, default_ms, default_loss) = unet_steps(false);
-    let (low_gib, low_ms, low_loss) = unet_steps(true);
+    let default = unet_bench(MemoryMode::Default);
+    let low = unet_bench(MemoryMode::Low);
+    let (default_gib, low_gib) = (default.peak_gib.unwrap(), low.peak_gib.unwrap());
     eprintln!(
-        "SD1.5 UNet training step, 512px, batch 1, bf16 autocast (eager, per-tensor AdamW): \
-         default {default_gib:.2} GiB peak, {default_ms:.0} ms/step (loss {default_loss:.4}); \
-         lowMemory {low_gib:.2} GiB peak, {low_ms:.0} ms/step (loss {low_loss:.4})"
+        "SD1.5 UNet training step, 512px, batch 1, bf16 autocast, eager (the trainer): \
+         default {default_gib:.2} GiB peak, {:.0} ms/step (loss {:.4}); lowMemory \
+         {low_gib:.2} GiB peak, {:.0} ms/step (loss {:.4})",
+        default.ms_per_step, default.final_loss, low.ms_per_step, low.final_loss
     );
+    assert!(low.final_loss.is_finite() && default.final_loss.is_finite());
+    assert_eq!(low.implementation, "dreambooth-eager");
     assert!(low_gib < 11.0, "lowMemory peaked at {low_gib:.2} GiB");
-    assert!(low_gib < 0.6 * default_gib);
+    assert!(
+        low_gib < 0.6 * default_gib,
+        "{low_gib} vs {default_gib} GiB"
+    );
 }

@@ -331,3 +331,63 @@ fn continued_training_starts_from_an_earlier_model_without_retraining_the_text_e
         0
     );
 }
+
+#[test]
+fn a_low_memory_session_saves_bf16_states_exports_fp32_and_resumes_the_same_losses() {
+    let ws = Workspace::new();
+    let extra = "training:\n  memory: lowMemory\n  unet:\n    steps: 8\n    learningRate: 2.0e-4\n  textEncoder:\n    steps: 4\n    \
+                 learningRate: 1.0e-4\n  seed: 11\ncheckpoints:\n  every: 6\n  precision: fp32\nsamples:\n  steps: 2\n";
+    let session = ws.session("low", "out", extra);
+    let log = train(&session);
+    let out = ws.path("out");
+    let losses_first = losses(&log);
+    assert_eq!(losses_first.len(), 12, "{log}");
+    assert!(
+        losses_first.iter().all(|l| l.is_finite()),
+        "{losses_first:?}"
+    );
+
+    // The manifest records the mode as run, with the checkpointing it implies.
+    let training = &manifest(&out).config["spec"]["training"];
+    assert_eq!(training["memory"], "lowMemory");
+    assert_eq!(
+        training["gradientCheckpointing"],
+        dreambooth_trainer::models::checkpointing::available(),
+        "lowMemory turns checkpointing on wherever the build can do it"
+    );
+
+    // The state at step 6 (UNet phase) holds bf16 weights and bf16 AdamW moments.
+    let state = tch::Tensor::read_safetensors(out.join("state/step_6/state.safetensors")).unwrap();
+    let moments = state
+        .iter()
+        .filter(|(n, _)| n.starts_with("optimizer.exp_avg"))
+        .count();
+    assert!(moments > 0, "no optimizer moments in the state");
+    for (name, tensor) in &state {
+        assert_eq!(tensor.kind(), tch::Kind::BFloat16, "{name}");
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("state/step_6/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(info["memory"], "lowMemory");
+
+    // The export follows `checkpoints.precision`, not the training dtype.
+    let exported = tch::Tensor::read_safetensors(out.join("low.safetensors")).unwrap();
+    assert!(
+        exported.iter().all(|(_, t)| t.kind() == tch::Kind::Float),
+        "the fp32 export has other dtypes"
+    );
+
+    // Without its manifest the session resumes from the step-6 state and continues the
+    // same losses to the same weights.
+    let model = std::fs::read(out.join("low.safetensors")).unwrap();
+    std::fs::remove_file(out.join("manifest.json")).unwrap();
+    let rerun = train(&session);
+    assert!(rerun.contains("resuming from step 6"), "{rerun}");
+    assert_eq!(losses(&rerun), losses_first[6..], "resumed losses differ");
+    assert_eq!(
+        std::fs::read(out.join("low.safetensors")).unwrap(),
+        model,
+        "resumed weights differ"
+    );
+}

@@ -21,7 +21,8 @@ pub enum KnownVersion {
 }
 
 impl KnownVersion {
-    fn configs(self) -> (&'static str, &'static str, &'static str) {
+    /// The UNet, VAE and text-encoder `config.json` texts.
+    pub fn configs(self) -> (&'static str, &'static str, &'static str) {
         match self {
             KnownVersion::Sd15 => (SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER),
             KnownVersion::Sd21 => (SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER),

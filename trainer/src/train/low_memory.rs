@@ -10,6 +10,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::adam_moments::AdamMoments;
 use super::optimizer::AdamWConfig;
 
 /// How fp32 results are stored back into bf16.
@@ -50,10 +51,7 @@ fn store(x: &Tensor, rounding: Rounding) -> Tensor {
 pub struct LowMemoryAdamW {
     config: AdamWConfig,
     rounding: Rounding,
-    params: Vec<(String, Tensor)>,
-    exp_avg: Vec<Tensor>,
-    exp_avg_sq: Vec<Tensor>,
-    step: i64,
+    moments: AdamMoments,
 }
 
 impl LowMemoryAdamW {
@@ -69,152 +67,79 @@ impl LowMemoryAdamW {
         config: AdamWConfig,
         rounding: Rounding,
     ) -> Self {
-        let zeros = |p: &Tensor| Tensor::zeros(p.size(), (Kind::BFloat16, p.device()));
-        let exp_avg = params.iter().map(|(_, p)| zeros(p)).collect();
-        let exp_avg_sq = params.iter().map(|(_, p)| zeros(p)).collect();
         Self {
             config,
             rounding,
-            params,
-            exp_avg,
-            exp_avg_sq,
-            step: 0,
+            moments: AdamMoments::zeros(params, Kind::BFloat16),
         }
     }
 
     pub fn steps_taken(&self) -> i64 {
-        self.step
+        self.moments.step
     }
 
     /// Bytes held by the parameters and the optimizer state (gradients not counted).
     pub fn memory_bytes(&self) -> i64 {
-        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        let params: i64 = self.params.iter().map(|(_, p)| bytes(p)).sum();
-        let states: i64 = self.exp_avg.iter().chain(&self.exp_avg_sq).map(bytes).sum();
-        params + states
+        self.moments.memory_bytes()
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+        self.moments.zero_grads();
+    }
+
+    /// Multiplies every gradient by `factor` (undoing a loss scale).
+    pub fn scale_grads(&mut self, factor: f64) {
+        self.moments.scale_grads(factor);
     }
 
     /// Scales all gradients so their global L2 norm (computed in fp32) is at most
     /// `max_norm`; returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let squares: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
-            .collect();
-        let total = Tensor::stack(&squares, 0)
-            .sum(Kind::Float)
-            .double_value(&[])
-            .sqrt();
-        let coefficient = (max_norm / (total + 1e-6)).min(1.0);
-        if coefficient < 1.0 {
-            for mut g in grads {
-                let _ = g.g_mul_scalar_(coefficient);
-            }
-        }
-        total
+        self.moments.clip_grad_norm(max_norm)
+    }
+
+    /// The clip with the norm left on the device (no sync).
+    pub fn clip_grad_norm_on_device(&mut self, max_norm: f64) -> Tensor {
+        self.moments.clip_grad_norm_on_device(max_norm)
     }
 
     /// One update at learning rate `lr`, computed in fp32 one tensor at a time (so the
-    /// fp32 temporaries are the size of the largest parameter, not of the model).
+    /// fp32 temporaries are the size of the largest parameter, not of the model), then
+    /// stored back rounded.
     pub fn step(&mut self, lr: f64) {
-        let _guard = tch::no_grad_guard();
-        self.step += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            weight_decay,
-            eps,
-        } = self.config;
-        let bias1 = 1.0 - beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for (((_, param), m), v) in self
-            .params
-            .iter_mut()
-            .zip(&mut self.exp_avg)
-            .zip(&mut self.exp_avg_sq)
-        {
-            let grad = param.grad();
-            if !grad.defined() {
-                continue;
+        let Self {
+            config, rounding, ..
+        } = *self;
+        self.moments.for_each_update(|param, (m, v), grad, bias| {
+            let mut m32 = m.to_kind(Kind::Float);
+            let mut v32 = v.to_kind(Kind::Float);
+            // An fp32 parameter is its own temporary: updated in place.
+            let mut weights = param.to_kind(Kind::Float);
+            config.update_in_place(&mut weights, (&mut m32, &mut v32), grad, lr, bias);
+            m.copy_(&store(&m32, rounding));
+            v.copy_(&store(&v32, rounding));
+            if param.kind() == Kind::BFloat16 {
+                param.copy_(&store(&weights, rounding));
+            } else if weights.data_ptr() != param.data_ptr() {
+                param.copy_(&weights);
             }
-            let grad = grad.to_kind(Kind::Float);
-            let m32 = m.to_kind(Kind::Float) * beta1 + &grad * (1.0 - beta1);
-            let v32 = v.to_kind(Kind::Float) * beta2 + grad.square() * (1.0 - beta2);
-            let denominator = v32.sqrt() / bias2_sqrt + eps;
-            let weights = param.to_kind(Kind::Float) * (1.0 - lr * weight_decay)
-                - &m32 / denominator * (lr / bias1);
-            m.copy_(&store(&m32, self.rounding));
-            v.copy_(&store(&v32, self.rounding));
-            let stored = match param.kind() {
-                Kind::BFloat16 => store(&weights, self.rounding),
-                kind => weights.to_kind(kind),
-            };
-            param.copy_(&stored);
-        }
+        });
     }
 
     /// The moment estimates by parameter name (`exp_avg.<name>`, `exp_avg_sq.<name>`,
     /// bf16), shared with the optimizer, for saving; the same keys as the fp32 AdamW.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut state = Vec::with_capacity(self.params.len() * 2);
-        for (((name, _), m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
-            state.push((format!("exp_avg.{name}"), m.shallow_clone()));
-            state.push((format!("exp_avg_sq.{name}"), v.shallow_clone()));
-        }
-        state
+        self.moments.state_tensors()
     }
 
     /// Restores moments saved by [`LowMemoryAdamW::state_tensors`] (or by the fp32 AdamW,
     /// rounded) after `steps` updates.
     pub fn load_state(&mut self, state: &[(String, Tensor)], steps: i64) -> Result<(), String> {
-        let _guard = tch::no_grad_guard();
-        for (((name, _), m), v) in self
-            .params
-            .iter()
-            .zip(&mut self.exp_avg)
-            .zip(&mut self.exp_avg_sq)
-        {
-            for (slot, key) in [
-                (m, format!("exp_avg.{name}")),
-                (v, format!("exp_avg_sq.{name}")),
-            ] {
-                let saved = state
-                    .iter()
-                    .find(|(n, _)| *n == key)
-                    .map(|(_, t)| t)
-                    .ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
-                if saved.size() != slot.size() {
-                    return Err(format!(
-                        "`{key}` has shape {:?}, the parameter {:?}",
-                        saved.size(),
-                        slot.size()
-                    ));
-                }
-                slot.copy_(saved);
-            }
-        }
-        self.step = steps;
-        Ok(())
+        self.moments.load_state(state, steps)
     }
 
     pub fn device(&self) -> Device {
-        self.params.first().map_or(Device::Cpu, |(_, p)| p.device())
+        self.moments.device()
     }
 }
 

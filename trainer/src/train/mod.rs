@@ -1,6 +1,7 @@
 //! Training: the objective, the optimizer, learning-rate schedules, cached examples,
 //! the two-phase loop, training states and whole sessions.
 
+mod adam_moments;
 pub mod class_images;
 pub mod examples;
 pub mod inputs;

@@ -9,6 +9,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::adam_moments::AdamMoments;
 use crate::cuda::ShimError;
 use crate::cuda::foreach::{self, AdamWHyper, AdamWTensors};
 
@@ -32,14 +33,10 @@ impl Default for AdamWConfig {
     }
 }
 
-/// The parameters of one training phase and their moment estimates.
+/// The parameters of one training phase and their fp32 moment estimates.
 pub struct AdamW {
     config: AdamWConfig,
-    params: Vec<(String, Tensor)>,
-    exp_avg: Vec<Tensor>,
-    exp_avg_sq: Vec<Tensor>,
-    /// Optimizer steps taken, for bias correction.
-    step: i64,
+    moments: AdamMoments,
     /// Set when the fused kernel applies the update.
     fused: Option<DeviceCounters>,
 }
@@ -54,15 +51,9 @@ struct DeviceCounters {
 impl AdamW {
     /// `params` are the trainable tensors (shared with their VarStore) by name.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
-        let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
-        let exp_avg = params.iter().map(|(_, p)| zeros(p)).collect();
-        let exp_avg_sq = params.iter().map(|(_, p)| zeros(p)).collect();
         Self {
             config,
-            params,
-            exp_avg,
-            exp_avg_sq,
-            step: 0,
+            moments: AdamMoments::zeros(params, Kind::Float),
             fused: None,
         }
     }
@@ -90,16 +81,7 @@ impl AdamW {
     }
 
     pub fn steps_taken(&self) -> i64 {
-        self.step
-    }
-
-    /// The gradients that exist, index-aligned with `params` of the same filter.
-    fn defined_grads(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .collect()
+        self.moments.step
     }
 
     /// Resets the gradients for the next backward. Fused (CUDA): drops them, so they are
@@ -107,53 +89,35 @@ impl AdamW {
     /// graph captured next allocates them in its own pool. Loop: zeroes them in place.
     pub fn zero_grad(&mut self) {
         if self.fused.is_some() {
-            let params: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+            let params: Vec<Tensor> = self
+                .moments
+                .params
+                .iter()
+                .map(|(_, p)| p.shallow_clone())
+                .collect();
             foreach::clear_grads(&params).expect("dropping gradients");
             return;
         }
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+        self.moments.zero_grads();
     }
 
     /// [`AdamW::clip_grad_norm`] without reading the norm back: it stays on the device.
     /// Fused optimizers use one foreach norm; the loop one stays sync-free too.
     pub fn clip_grad_norm_on_device(&mut self, max_norm: f64) -> Tensor {
-        let _guard = tch::no_grad_guard();
-        let grads = self.defined_grads();
-        if grads.is_empty() {
-            return Tensor::zeros([], (Kind::Float, self.device()));
-        }
         if self.fused.is_some() {
+            let _guard = tch::no_grad_guard();
+            let grads = self.moments.defined_grads();
+            if grads.is_empty() {
+                return Tensor::zeros([], (Kind::Float, self.moments.device()));
+            }
             return foreach::clip_grad_norm(&grads, max_norm).expect("clipping gradients");
         }
-        let squares: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
-            .collect();
-        let total = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
-        let coefficient = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-        for mut g in grads {
-            let _ = g.g_mul_(&coefficient);
-        }
-        total
-    }
-
-    fn device(&self) -> tch::Device {
-        self.params
-            .first()
-            .map_or(tch::Device::Cpu, |(_, p)| p.device())
+        self.moments.clip_grad_norm_on_device(max_norm)
     }
 
     /// Multiplies every gradient by `factor` (undoing a loss scale).
     pub fn scale_grads(&mut self, factor: f64) {
-        let _guard = tch::no_grad_guard();
-        for (_, p) in &self.params {
-            let mut grad = p.grad();
-            if grad.defined() {
-                let _ = grad.g_mul_scalar_(factor);
-            }
-        }
+        self.moments.scale_grads(factor);
     }
 
     /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the
@@ -162,28 +126,7 @@ impl AdamW {
         if self.fused.is_some() {
             return self.clip_grad_norm_on_device(max_norm).double_value(&[]);
         }
-        let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(|g| g.defined())
-            .collect();
-        if grads.is_empty() {
-            return 0.0;
-        }
-        let squares: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float))
-            .collect();
-        let total = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
-        let coefficient = (max_norm / (total.double_value(&[]) + 1e-6)).min(1.0);
-        if coefficient < 1.0 {
-            for mut g in grads {
-                let _ = g.g_mul_scalar_(coefficient);
-            }
-        }
-        total.double_value(&[])
+        self.moments.clip_grad_norm(max_norm)
     }
 
     /// One update at learning rate `lr`. Parameters without a gradient are left alone.
@@ -193,43 +136,17 @@ impl AdamW {
             self.apply_fused_update();
             return;
         }
-        let _guard = tch::no_grad_guard();
-        self.step += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            weight_decay,
-            eps,
-        } = self.config;
-        let bias1 = 1.0 - beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
-        for (((_, param), m), v) in self
-            .params
-            .iter_mut()
-            .zip(&mut self.exp_avg)
-            .zip(&mut self.exp_avg_sq)
-        {
-            let grad = param.grad();
-            if !grad.defined() {
-                continue;
-            }
-            let grad = grad.to_kind(Kind::Float);
-            let _ = param.g_mul_scalar_(1.0 - lr * weight_decay);
-            let _ = m.g_mul_scalar_(beta1);
-            let _ = m.g_add_(&(&grad * (1.0 - beta1)));
-            let _ = v.g_mul_scalar_(beta2);
-            let _ = v.g_add_(&(grad.square() * (1.0 - beta2)));
-            let denominator = v.sqrt() / bias2_sqrt + eps;
-            let update = &*m / denominator * (lr / bias1);
-            let _ = param.g_sub_(&update.to_kind(param.kind()));
-        }
+        let config = self.config;
+        self.moments.for_each_update(|param, moments, grad, bias| {
+            config.update_in_place(param, moments, grad, lr, bias);
+        });
     }
 
     /// The host half of a fused step: counts it and writes `lr` into the device tensor the
     /// kernel reads. A CUDA graph replays [`AdamW::apply_fused_update`] after this.
     pub fn set_next_step(&mut self, lr: f64) {
         let counters = self.fused.as_mut().expect("a fused optimizer");
-        self.step += 1;
+        self.moments.step += 1;
         let _ = counters.lr.fill_(lr);
     }
 
@@ -237,11 +154,17 @@ impl AdamW {
     /// update of every parameter with a gradient. Launches kernels only.
     pub fn apply_fused_update(&mut self) {
         let counters = self.fused.as_ref().expect("a fused optimizer");
-        let mut params = Vec::with_capacity(self.params.len());
-        let mut grads = Vec::with_capacity(self.params.len());
-        let mut exp_avgs = Vec::with_capacity(self.params.len());
-        let mut exp_avg_sqs = Vec::with_capacity(self.params.len());
-        for (((_, p), m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+        let moments = &self.moments;
+        let mut params = Vec::with_capacity(moments.params.len());
+        let mut grads = Vec::with_capacity(moments.params.len());
+        let mut exp_avgs = Vec::with_capacity(moments.params.len());
+        let mut exp_avg_sqs = Vec::with_capacity(moments.params.len());
+        for (((_, p), m), v) in moments
+            .params
+            .iter()
+            .zip(&moments.exp_avg)
+            .zip(&moments.exp_avg_sq)
+        {
             let grad = p.grad();
             if grad.defined() {
                 params.push(p.shallow_clone());
@@ -278,46 +201,13 @@ impl AdamW {
     /// The moment estimates by parameter name (`exp_avg.<name>`, `exp_avg_sq.<name>`),
     /// shared with the optimizer, for saving.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut state = Vec::with_capacity(self.params.len() * 2);
-        for (((name, _), m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
-            state.push((format!("exp_avg.{name}"), m.shallow_clone()));
-            state.push((format!("exp_avg_sq.{name}"), v.shallow_clone()));
-        }
-        state
+        self.moments.state_tensors()
     }
 
-    /// Restores moments saved by [`AdamW::state_tensors`] after `steps` updates.
+    /// Restores moments saved by [`AdamW::state_tensors`] (or by the bf16
+    /// `LowMemoryAdamW`, widened) after `steps` updates.
     pub fn load_state(&mut self, state: &[(String, Tensor)], steps: i64) -> Result<(), String> {
-        let find = |key: &str| {
-            state
-                .iter()
-                .find(|(n, _)| n == key)
-                .map(|(_, t)| t)
-                .ok_or_else(|| format!("optimizer state lacks `{key}`"))
-        };
-        let _guard = tch::no_grad_guard();
-        for (((name, _), m), v) in self
-            .params
-            .iter()
-            .zip(&mut self.exp_avg)
-            .zip(&mut self.exp_avg_sq)
-        {
-            for (slot, key) in [
-                (m, format!("exp_avg.{name}")),
-                (v, format!("exp_avg_sq.{name}")),
-            ] {
-                let saved = find(&key)?;
-                if saved.size() != slot.size() {
-                    return Err(format!(
-                        "`{key}` has shape {:?}, the parameter {:?}",
-                        saved.size(),
-                        slot.size()
-                    ));
-                }
-                slot.copy_(saved);
-            }
-        }
-        self.step = steps;
+        self.moments.load_state(state, steps)?;
         if let Some(counters) = &mut self.fused {
             let _ = counters.step.fill_(steps as f64);
         }

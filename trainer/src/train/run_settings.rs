@@ -2,7 +2,7 @@
 //! continued training detected, precision chosen for the device, the seed picked and
 //! recorded, and what the model files say about themselves.
 
-use dreambooth_api::spec::{GradientCheckpointing, MixedPrecision};
+use dreambooth_api::spec::{GradientCheckpointing, MemoryMode, MixedPrecision};
 use dreambooth_api::{ResolvedTraining, Session};
 use tch::Device;
 
@@ -64,6 +64,7 @@ pub(super) fn loop_settings(
             (true, MixedPrecision::Fp16) => StepPrecision::Fp16Autocast,
             _ => StepPrecision::Fp32,
         },
+        memory: spec.training.memory,
     }
 }
 
@@ -98,9 +99,14 @@ pub(super) fn sample_prompts(
 }
 
 /// `spec.training.gradientCheckpointing` for this device (see
-/// [`checkpointing::resolve`] for what `auto` means), said once in the log.
-pub(super) fn gradient_checkpointing(setting: GradientCheckpointing, device: Device) -> bool {
-    let enabled = checkpointing::resolve(setting, device);
+/// [`checkpointing::resolve`] for what `auto` means; `lowMemory` turns it on), said once
+/// in the log.
+pub(super) fn gradient_checkpointing(
+    setting: GradientCheckpointing,
+    memory: MemoryMode,
+    device: Device,
+) -> bool {
+    let enabled = memory == MemoryMode::LowMemory || checkpointing::resolve(setting, device);
     if enabled && !checkpointing::available() {
         tracing::warn!(
             "spec.training.gradientCheckpointing: this build has no checkpoint shim \

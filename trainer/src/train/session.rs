@@ -185,7 +185,11 @@ pub fn run_session(
         }
         StepPrecision::Fp32 => {}
     }
-    let checkpointing = gradient_checkpointing(spec.training.gradient_checkpointing, device);
+    let checkpointing = gradient_checkpointing(
+        spec.training.gradient_checkpointing,
+        spec.training.memory,
+        device,
+    );
     models.unet.set_gradient_checkpointing(checkpointing);
     models
         .text_encoder

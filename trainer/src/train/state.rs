@@ -1,8 +1,10 @@
-//! A training state for exact resume: the fp32 weights of both trainable networks, the
-//! current phase's optimizer moments and the step, in `state/step_<N>/`.
+//! A training state for exact resume: the weights of both trainable networks and the
+//! current phase's optimizer moments, each in the dtype it trains in (fp32, or bf16 with
+//! `memory: lowMemory`), and the step, in `state/step_<N>/`.
 
 use std::path::Path;
 
+use dreambooth_api::spec::MemoryMode;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -23,6 +25,10 @@ pub struct StateInfo {
     pub optimizer_steps: i64,
     pub seed: u64,
     pub total_steps: u32,
+    /// The memory mode the tensors were saved in (bf16 for `lowMemory`). A state
+    /// resumed in the other mode is converted, and no longer continues bit for bit.
+    #[serde(default)]
+    pub memory: MemoryMode,
     /// fp16 runs only: the loss scale reached, so a resumed run does not re-learn it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<LossScaler>,
@@ -79,6 +85,7 @@ pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo,
         optimizer_steps,
         seed: trainer.settings.seed,
         total_steps: trainer.settings.total_steps(),
+        memory: trainer.settings.memory,
         loss_scaler: trainer.loss_scaler,
     };
     let info_path = dir.join(INFO_FILE);
@@ -110,6 +117,15 @@ pub fn load_state(trainer: &mut Trainer, dir: &Path) -> Result<StateInfo, StateE
             trainer.settings.seed,
             trainer.settings.total_steps()
         )));
+    }
+    if info.memory != trainer.settings.memory {
+        tracing::warn!(
+            "{}: saved with memory {:?}, resumed with {:?}: converting the weights and \
+             optimizer states",
+            info_path.display(),
+            info.memory,
+            trainer.settings.memory
+        );
     }
     let weights = dir.join(WEIGHTS_FILE);
     let weights_error = |message: String| StateError::Invalid {

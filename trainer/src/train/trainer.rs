@@ -10,19 +10,20 @@
 //! eager step, so both give the same losses.
 
 mod captured_step;
+mod phase_optimizer;
 
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
-use dreambooth_api::spec::LrScheduler;
+use dreambooth_api::spec::{LrScheduler, MemoryMode};
 
 use super::examples::Example;
 use super::loss_scale::LossScaler;
 use super::lr_schedule::LrSchedule;
 use super::objective::{NoiseSettings, NoisedBatch, loss, noise_batch};
-use super::optimizer::{AdamW, AdamWConfig};
 use crate::cuda;
 use crate::pipeline::{ModelVarStores, Models};
 use captured_step::StepMode;
+pub use phase_optimizer::PhaseOptimizer;
 
 /// Which network a step trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,6 +49,9 @@ pub struct LoopSettings {
     pub seed: u64,
     /// Autocast on CUDA, and in which dtype.
     pub precision: StepPrecision,
+    /// `lowMemory`: bf16 weights of both networks, the bf16 optimizer and gradient
+    /// checkpointing, set up by [`Trainer::new`].
+    pub memory: MemoryMode,
 }
 
 impl LoopSettings {
@@ -134,7 +138,7 @@ pub struct Trainer {
     classes: Vec<Example>,
     alphas_cumprod: Tensor,
     scaling_factor: f64,
-    optimizer: Option<(Phase, AdamW)>,
+    optimizer: Option<(Phase, PhaseOptimizer)>,
     /// Only for fp16 autocast.
     pub loss_scaler: Option<LossScaler>,
     device: Device,
@@ -145,13 +149,26 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(
-        models: Models,
-        stores: ModelVarStores,
+        mut models: Models,
+        mut stores: ModelVarStores,
         settings: LoopSettings,
         instances: Vec<Example>,
         classes: Vec<Example>,
         alphas_cumprod: &[f32],
     ) -> Self {
+        if settings.memory == MemoryMode::LowMemory {
+            // Both networks: the trained one is updated in bf16, and the frozen one is
+            // differentiated through (phase 1) or only read, so fp32 would be wasted.
+            // The VAE is not trained and stays as loaded, for samples.
+            stores.text_encoder.bfloat16();
+            stores.unet.bfloat16();
+            models.unet.set_gradient_checkpointing(true);
+            models.text_encoder.set_gradient_checkpointing(true);
+            tracing::info!(
+                "lowMemory: bf16 weights and AdamW states (stochastic rounding), \
+                 gradient checkpointing on"
+            );
+        }
         let device = stores.unet.device();
         let settings_precision = settings.precision;
         let scaling_factor = models.vae.scaling_factor;
@@ -257,7 +274,10 @@ impl Trainer {
                 let norm = optimizer.clip_grad_norm(1.0);
                 (Tensor::from(norm), scaler.update(norm))
             }
-            None if optimizer.is_fused() => (optimizer.clip_grad_norm_on_device(1.0), true),
+            // On a GPU the norm stays there: reading it would wait for the step.
+            None if optimizer.is_fused() || self.device.is_cuda() => {
+                (optimizer.clip_grad_norm_on_device(1.0), true)
+            }
             None => (Tensor::from(optimizer.clip_grad_norm(1.0)), true),
         };
         if applied {
@@ -296,13 +316,14 @@ impl Trainer {
                     .collect::<Vec<_>>(),
                 0,
             ) * self.scaling_factor;
-            let context = self.context(phase, &members);
+            let context = self.compute_dtype(self.context(phase, &members));
             let batch: NoisedBatch =
                 noise_batch(&latents, &self.alphas_cumprod, &self.settings.noise);
+            let noisy_latents = self.compute_dtype(batch.noisy_latents.shallow_clone());
             let prediction = cuda::autocast(self.settings.precision.autocast(), || {
                 self.models
                     .unet
-                    .forward(&batch.noisy_latents, &batch.timesteps, &context)
+                    .forward(&noisy_latents, &batch.timesteps, &context)
             });
             let prior = with_prior.filter(|_| members.len() % 2 == 0);
             let group_loss = loss(&prediction, &batch, prior) * share;
@@ -314,6 +335,16 @@ impl Trainer {
             });
         }
         loss_sum.expect("a step has at least one example")
+    }
+
+    /// `x` in the dtype the networks compute in: bf16 weights (`lowMemory`) need bf16
+    /// inputs where no autocast converts them (the CPU); the noise, the target and the
+    /// loss stay fp32.
+    fn compute_dtype(&self, x: Tensor) -> Tensor {
+        match self.settings.memory {
+            MemoryMode::LowMemory => x.to_kind(Kind::BFloat16),
+            MemoryMode::Default => x,
+        }
     }
 
     /// The UNet's conditioning: the text encoder's output, differentiable in phase 1,
@@ -353,14 +384,8 @@ impl Trainer {
                 self.cache_embeddings();
             }
         }
-        let store = self.store(phase);
-        let params = trainable(store);
-        // libtorch's fused kernel on CUDA; our own loop elsewhere (the tested reference).
-        let optimizer = if self.device.is_cuda() && cuda::shim_available() {
-            AdamW::new_fused(params, AdamWConfig::default()).expect("the shim is built")
-        } else {
-            AdamW::new(params, AdamWConfig::default())
-        };
+        let params = trainable(self.store(phase));
+        let optimizer = PhaseOptimizer::for_memory_mode(self.settings.memory, params, self.device);
         self.optimizer = Some((phase, optimizer));
         // The previous phase's graph may still be running; its pool is freed with it.
         if let (StepMode::Replaying(_), Device::Cuda(index)) = (&self.mode, self.device) {
@@ -390,7 +415,7 @@ impl Trainer {
     }
 
     /// The current phase's optimizer, for saving a training state.
-    pub fn optimizer(&self) -> Option<(Phase, &AdamW)> {
+    pub fn optimizer(&self) -> Option<(Phase, &PhaseOptimizer)> {
         self.optimizer.as_ref().map(|(p, o)| (*p, o))
     }
 
@@ -492,7 +517,8 @@ pub fn restore_weights(
                 var.size()
             ));
         }
-        var.copy_(&saved.to_kind(Kind::Float).to_device(var.device()));
+        // `copy_` converts to the variable's dtype (fp32, or bf16 for lowMemory).
+        var.copy_(&saved.to_device(var.device()));
     }
     Ok(())
 }
@@ -551,6 +577,7 @@ mod tests {
             prior_loss_weight: None,
             seed: 0,
             precision: StepPrecision::Fp32,
+            memory: MemoryMode::Default,
         };
         assert_eq!(settings.phase_of(2), (Phase::TextEncoder, 2));
         assert_eq!(settings.phase_of(3), (Phase::Unet, 0));

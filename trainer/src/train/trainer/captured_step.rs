@@ -14,6 +14,8 @@
 
 use tch::{Device, Tensor};
 
+use dreambooth_api::spec::MemoryMode;
+
 use super::{Example, Phase, StepPrecision, Trainer};
 use crate::cuda::ShimError;
 use crate::cuda::graph::CudaGraph;
@@ -77,6 +79,11 @@ impl Trainer {
         }
         if !crate::cuda::shim_available() {
             return Some("this build has no CUDA shim");
+        }
+        if self.settings.memory == MemoryMode::LowMemory {
+            return Some(
+                "lowMemory updates bf16 weights with its own per-tensor loop, not the fused kernel",
+            );
         }
         if self.settings.precision == StepPrecision::Fp16Autocast {
             return Some("fp16 loss scaling decides on the CPU whether to apply each update");
@@ -153,7 +160,10 @@ impl Trainer {
             let loss = self.forward_backward(phase, &inputs.iter().collect::<Vec<_>>(), 1.0);
             let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
             let grad_norm = optimizer.clip_grad_norm_on_device(1.0);
-            optimizer.apply_fused_update();
+            optimizer
+                .fused()
+                .expect("a captured phase has the fused optimizer")
+                .apply_fused_update();
             (loss, grad_norm)
         })?;
         Ok(CapturedStep {
@@ -182,7 +192,10 @@ impl Trainer {
             }
         }
         let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
-        optimizer.set_next_step(learning_rate);
+        optimizer
+            .fused()
+            .expect("a captured phase has the fused optimizer")
+            .set_next_step(learning_rate);
         captured
             .graph
             .replay()

@@ -1,9 +1,7 @@
 //! A 1 GiB object through multipart upload against moto on 127.0.0.1, with memory
 //! bounded by `part_size × concurrency`: the peak RSS of this process stays far below
 //! the object's size, and the object reads back with the same SHA-256.
-//!
-//! Ignored by default (about a minute and 2 GiB of disk):
-//! `cargo test -p dreambooth-trainer --test s3_large_upload -- --ignored --nocapture`.
+//! About a minute and 1 GiB of temporary disk; `-- --nocapture` prints the figures.
 
 #[path = "common/moto.rs"]
 mod moto;
@@ -26,7 +24,6 @@ fn peak_rss_mib() -> u64 {
 }
 
 #[test]
-#[ignore = "1 GiB through moto; run by hand for the memory and speed figures"]
 fn a_1_gib_file_uploads_in_parts_with_bounded_memory() {
     let server = MotoServer::start();
     server.create_bucket("large");

@@ -7,8 +7,7 @@
 #   STEPS=3 bench/gpu-check.sh    # fewer timed steps
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-TORCH_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. bench/lib-path.sh
 export TRAINER=bench/bin/dreambooth-trainer
 # The binary travels xz-compressed (the carried files have a size limit).
 if [ -f "$TRAINER.xz" ] && [ ! -x "$TRAINER" ]; then

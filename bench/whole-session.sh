@@ -5,8 +5,7 @@
 #   bench/whole-session.sh            # on the lent GPU machine, trainer carried in bench/bin
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-TORCH_LIB="$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+. bench/lib-path.sh
 TRAINER="${TRAINER:-bench/bin/dreambooth-trainer}"
 if [ -f "$TRAINER.xz" ] && [ ! -x "$TRAINER" ]; then
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$TRAINER.xz" "$TRAINER"

@@ -8,6 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DREAMBOOTH_VENV:-$ROOT/.venv}"
 TORCH_VERSION="2.11.0"
 CUDA_TOOLKIT="cuda-toolkit[nvcc]==13.0.2"
+# nvcc's front end (cicc, from nvidia-nvvm) and its crt headers must match its ptxas;
+# left unpinned, pip takes the newest, whose PTX the 13.0 ptxas cannot assemble.
+NVCC_PARTS=("nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88")
 PYTHON="${PYTHON:-python3}"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -28,6 +31,10 @@ SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pu
 if [[ ! -e "$SITE/nvidia/cu13/bin/nvcc" ]]; then
   echo "bootstrap: installing $CUDA_TOOLKIT (headers for the C++ shim)"
   "$VENV/bin/python" -m pip install --quiet "$CUDA_TOOLKIT"
+fi
+if [[ "$(have nvidia-nvvm)" != "13.0.88" || "$(have nvidia-cuda-crt)" != "13.0.88" ]]; then
+  echo "bootstrap: pinning ${NVCC_PARTS[*]} (nvcc compiles the optimizer kernel)"
+  "$VENV/bin/python" -m pip install --quiet "${NVCC_PARTS[@]}"
 fi
 if [[ -z "$(have numpy)" ]]; then
   # torch warns on every start without it.

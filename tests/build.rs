@@ -1,4 +1,4 @@
-//! An rpath to libtorch for the test binaries: `chart_contract` links the trainer crate
+//! Rpaths to libtorch and the CUDA runtime for the test binaries: `chart_contract` links the trainer crate
 //! (for its metrics registry), and link arguments from the trainer's own build script do not
 //! reach a dependent crate's binaries.
 
@@ -19,4 +19,11 @@ fn main() {
         "cargo:rustc-link-arg-tests=-Wl,-rpath,{}",
         lib_dir.display()
     );
+    // The trainer's CUDA kernels link the pip toolkit's runtime, beside the torch folder.
+    if let Some(cuda_lib) = torch_dir.parent().map(|site| site.join("nvidia/cu13/lib")) {
+        println!(
+            "cargo:rustc-link-arg-tests=-Wl,-rpath,{}",
+            cuda_lib.display()
+        );
+    }
 }

@@ -87,3 +87,87 @@ int dbt_clear_grads(at::Tensor* const* params, int64_t count, char* error,
 }
 
 }  // extern "C"
+
+#ifdef DBT_CUDA_KERNELS
+#include <c10/cuda/CUDAStream.h>
+
+#include <stdexcept>
+#include <string>
+
+extern "C" int dbt_packed_adamw_launch(const void* const* grads, const int64_t* offsets,
+                                       const int64_t* numels, int64_t count, void* hi,
+                                       void* lo, float* exp_avg, float* exp_avg_sq,
+                                       const float* step, const float* lr,
+                                       const float* grad_scale, float beta1, float beta2,
+                                       float weight_decay, float eps, void* stream);
+extern "C" const char* dbt_cuda_error_string(int status);
+
+extern "C" {
+
+// One clipped AdamW step of a phase whose matrices are packed (csrc/packed_adamw.cu: bf16
+// weights with 16-bit remainders, flat fp32 moments) and whose other parameters are
+// plain fp32 tensors: the global norm over both gradient sets, the clip coefficient read
+// by the packed kernel from device memory, libtorch's fused kernel for the rest.
+// `packed_grads[i]` belongs to the weight at `offsets[i]` of the flat buffers. Returns
+// the norm before clipping as a new 0-d tensor, or null with the message in `error`.
+at::Tensor* dbt_packed_adamw(at::Tensor* const* packed_grads, const int64_t* offsets,
+                             int64_t packed_count, at::Tensor* hi, at::Tensor* lo,
+                             at::Tensor* exp_avg, at::Tensor* exp_avg_sq,
+                             at::Tensor* const* params, at::Tensor* const* grads,
+                             at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                             int64_t count, at::Tensor* step, at::Tensor* lr, double max_norm,
+                             double beta1, double beta2, double weight_decay, double eps,
+                             char* error, size_t error_len) {
+  try {
+    c10::NoGradGuard no_grad;
+    auto packed = gather(packed_grads, packed_count);
+    auto rest = gather(grads, count);
+    std::vector<at::Tensor> norms;
+    for (auto* list : {&packed, &rest}) {
+      if (list->empty()) continue;
+      // fp32 norms of the bf16 gradients, so the clip is as precise as on fp32 ones.
+      auto part = at::_foreach_norm(*list, 2, at::kFloat);
+      norms.insert(norms.end(), part.begin(), part.end());
+    }
+    auto total = norms.empty() ? at::zeros({}, step->options())
+                               : at::linalg_vector_norm(at::stack(norms), 2);
+    auto coefficient = (max_norm / (total + 1e-6)).clamp_max(1.0);
+    step->add_(1);
+    if (!rest.empty()) {
+      at::_foreach_mul_(rest, coefficient);
+      std::vector<at::Tensor> steps(static_cast<size_t>(count), *step);
+      at::_fused_adamw_(gather(params, count), rest, gather(exp_avgs, count),
+                        gather(exp_avg_sqs, count), {}, steps, *lr, beta1, beta2,
+                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    }
+    std::vector<const void*> pointers;
+    std::vector<int64_t> numels;
+    for (auto& grad : packed) {
+      if (grad.scalar_type() != at::kBFloat16 || !grad.is_cuda()) {
+        throw std::invalid_argument("packed AdamW needs bf16 CUDA gradients");
+      }
+      // The kernel reads four elements at a time: contiguous, 8-byte aligned.
+      if (!grad.is_contiguous() || reinterpret_cast<uintptr_t>(grad.data_ptr()) % 8 != 0) {
+        grad = grad.clone(at::MemoryFormat::Contiguous);
+      }
+      pointers.push_back(grad.data_ptr());
+      numels.push_back(grad.numel());
+    }
+    auto scale = coefficient.to(at::kFloat);
+    const int status = dbt_packed_adamw_launch(
+        pointers.data(), offsets, numels.data(), packed_count, hi->data_ptr(),
+        lo->data_ptr(), exp_avg->data_ptr<float>(), exp_avg_sq->data_ptr<float>(),
+        step->data_ptr<float>(), lr->data_ptr<float>(), scale.data_ptr<float>(),
+        static_cast<float>(beta1), static_cast<float>(beta2),
+        static_cast<float>(weight_decay), static_cast<float>(eps),
+        c10::cuda::getCurrentCUDAStream().stream());
+    if (status != 0) throw std::runtime_error(dbt_cuda_error_string(status));
+    return new at::Tensor(total);
+  } catch (const std::exception& e) {
+    report(e, error, error_len);
+    return nullptr;
+  }
+}
+
+}  // extern "C"
+#endif  // DBT_CUDA_KERNELS

@@ -64,6 +64,8 @@ pub struct BenchConfig {
     pub bf16: bool,
     /// Eager steps only: no CUDA graph.
     pub eager: bool,
+    /// Packed UNet weights where the trainer can use them (see `train::packed_master`).
+    pub packed: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -74,6 +76,8 @@ pub struct BenchReport {
     pub arch: String,
     pub phase: Phase,
     pub memory: MemoryMode,
+    /// `packed` (bf16 halves + remainders) or `fp32` (cast by autocast every step).
+    pub weights: &'static str,
     pub device: String,
     pub resolution: i64,
     pub batch: i64,
@@ -159,6 +163,7 @@ pub fn random_trainer(config: &BenchConfig, seed: i64) -> Trainer {
         &scaled_linear_alphas_cumprod(),
     );
     trainer.set_cuda_graphs(!config.eager);
+    trainer.set_packed_weights(config.packed);
     trainer
 }
 
@@ -210,6 +215,11 @@ pub fn bench(config: &BenchConfig) -> BenchReport {
         },
         phase: config.phase,
         memory: config.memory,
+        weights: if trainer.trains_packed_weights() {
+            "packed"
+        } else {
+            "fp32"
+        },
         device: format!("{:?}", config.device),
         resolution: config.resolution,
         batch: config.batch,
@@ -295,6 +305,7 @@ mod tests {
             device: Device::Cpu,
             bf16: false,
             eager: false,
+            packed: true,
         }
     }
 
@@ -308,8 +319,9 @@ mod tests {
             );
             assert_eq!(report.images_per_second, report.steps_per_second * 2.0);
             assert_eq!(report.peak_gib, None);
-            // No CUDA on the CPU: the eager step, named as such.
+            // No CUDA on the CPU: the eager step on fp32 weights, named as such.
             assert_eq!(report.implementation, "dreambooth-eager");
+            assert_eq!(report.weights, "fp32");
         }
     }
 

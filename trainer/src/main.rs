@@ -132,6 +132,9 @@ struct BenchArgs {
     /// Eager steps only, no CUDA graph (fused AdamW still on CUDA).
     #[arg(long)]
     eager: bool,
+    /// Plain fp32 UNet weights cast by autocast each step, instead of packed ones.
+    #[arg(long)]
+    unpacked: bool,
     /// Tiny networks, for smoke tests on the CPU.
     #[arg(long)]
     tiny: bool,
@@ -473,6 +476,7 @@ fn bench_config(args: &BenchArgs) -> Result<bench::BenchConfig> {
         device,
         bf16: !args.fp32,
         eager: args.eager,
+        packed: !args.unpacked,
     })
 }
 

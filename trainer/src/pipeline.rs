@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{CheckpointError, LoadedModel, load_pipeline_weights};
+use crate::checkpoint::{
+    CheckpointError, LoadedModel, Tensors, load_pipeline_weights, var_store_tensors,
+};
 use crate::models::clip::{ClipTextConfig, ClipTextModel, clip_text_model};
 use crate::models::{
     AutoencoderKL, ConfigError, UNet2DConditionModel, UNetConfig, VaeConfig, autoencoder_kl, unet,
@@ -27,6 +29,24 @@ pub struct ModelVarStores {
     pub text_encoder: VarStore,
     pub unet: VarStore,
     pub vae: VarStore,
+}
+
+/// The networks' weights by name as they are saved (see `Trainer::weights`).
+pub struct ModelWeights {
+    pub text_encoder: Tensors,
+    pub unet: Tensors,
+    pub vae: Tensors,
+}
+
+impl ModelWeights {
+    /// The VarStores' own tensors, shared, not copied.
+    pub fn of(stores: &ModelVarStores) -> Self {
+        Self {
+            text_encoder: var_store_tensors(&stores.text_encoder),
+            unet: var_store_tensors(&stores.unet),
+            vae: var_store_tensors(&stores.vae),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,10 +220,15 @@ pub fn generate(
         };
         let input = scheduler.scale_model_input(&input, t);
         let timestep = Tensor::scalar_tensor(t, (Kind::Float, device));
-        let prediction = models
-            .unet
-            .forward(&input.to_kind(unet_kind), &timestep, &context)
-            .to_kind(Kind::Float);
+        // bf16 matrices beside fp32 norms (packed training weights) need autocast's
+        // per-op dtypes; all-fp32 weights sample in fp32.
+        let mixed = unet_kind == Kind::BFloat16 && device.is_cuda();
+        let prediction = crate::cuda::autocast(mixed, || {
+            models
+                .unet
+                .forward(&input.to_kind(unet_kind), &timestep, &context)
+        })
+        .to_kind(Kind::Float);
         let prediction = if guided {
             let parts = prediction.chunk(2, 0);
             let (uncond, cond) = (&parts[0], &parts[1]);

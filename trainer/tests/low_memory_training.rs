@@ -32,6 +32,7 @@ fn config(memory: MemoryMode, unet_steps: u32) -> BenchConfig {
         device: Device::Cpu,
         bf16: false,
         eager: true,
+        packed: true,
     }
 }
 

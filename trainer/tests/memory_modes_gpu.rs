@@ -107,6 +107,7 @@ fn unet_bench(memory: MemoryMode) -> BenchReport {
         device: Device::Cuda(0),
         bf16: true,
         eager: true,
+        packed: true,
     })
 }
 

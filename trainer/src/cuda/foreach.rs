@@ -51,6 +51,30 @@ mod ffi {
             error: *mut c_char,
             error_len: usize,
         ) -> *mut c_void;
+        #[cfg(dbt_cuda_kernels)]
+        pub fn dbt_packed_adamw(
+            packed_grads: *const *const c_void,
+            offsets: *const i64,
+            packed_count: i64,
+            hi: *const c_void,
+            lo: *const c_void,
+            exp_avg: *const c_void,
+            exp_avg_sq: *const c_void,
+            params: *const *const c_void,
+            grads: *const *const c_void,
+            exp_avgs: *const *const c_void,
+            exp_avg_sqs: *const *const c_void,
+            count: i64,
+            step: *const c_void,
+            lr: *const c_void,
+            max_norm: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> *mut c_void;
         pub fn dbt_clear_grads(
             params: *const *const c_void,
             count: i64,
@@ -114,6 +138,84 @@ pub fn fused_adamw(
     {
         let _ = (step, lr, hyper);
         Err(ShimError::Unavailable("fused AdamW"))
+    }
+}
+
+/// Weights packed as bf16 plus a 16-bit remainder in flat buffers
+/// (`train::packed_master`), with the bf16 gradients of those present and where each
+/// one's weight starts in the buffers.
+pub struct PackedTensors<'a> {
+    pub grads: &'a [Tensor],
+    pub offsets: &'a [i64],
+    pub hi: &'a Tensor,
+    pub lo: &'a Tensor,
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+}
+
+/// Whether this build has our own CUDA kernels (`csrc/*.cu`, compiled by nvcc).
+pub fn kernels_available() -> bool {
+    cfg!(dbt_cuda_kernels)
+}
+
+/// `step += 1`, then one AdamW update of the packed weights and of the plain fp32 `rest`,
+/// all gradients clipped together to a global norm of `max_norm` (the clip is folded
+/// into the packed kernel). Returns the norm before clipping, left on the device.
+pub fn packed_adamw(
+    packed: &PackedTensors<'_>,
+    rest: &AdamWTensors<'_>,
+    step: &Tensor,
+    lr: &Tensor,
+    max_norm: f64,
+    hyper: AdamWHyper,
+) -> Result<Tensor, ShimError> {
+    assert_eq!(
+        packed.grads.len(),
+        packed.offsets.len(),
+        "one offset per gradient"
+    );
+    #[cfg(dbt_cuda_kernels)]
+    {
+        let packed_grads = ffi::handles(packed.grads);
+        let (p, g) = (ffi::handles(rest.params), ffi::handles(rest.grads));
+        let (m, v) = (ffi::handles(rest.exp_avgs), ffi::handles(rest.exp_avg_sqs));
+        let handle = |t: &Tensor| t.as_ptr().cast::<std::ffi::c_void>();
+        return super::with_error_buffer("packed AdamW", |error, len| {
+            // SAFETY: every handle is a live tensor, the arrays have the lengths passed,
+            // and the shim returns a new heap tensor (owned by the result) or null.
+            let total = unsafe {
+                ffi::dbt_packed_adamw(
+                    packed_grads.as_ptr(),
+                    packed.offsets.as_ptr(),
+                    packed_grads.len() as i64,
+                    handle(packed.hi),
+                    handle(packed.lo),
+                    handle(packed.exp_avg),
+                    handle(packed.exp_avg_sq),
+                    p.as_ptr(),
+                    g.as_ptr(),
+                    m.as_ptr(),
+                    v.as_ptr(),
+                    p.len() as i64,
+                    handle(step),
+                    handle(lr),
+                    max_norm,
+                    hyper.beta1,
+                    hyper.beta2,
+                    hyper.weight_decay,
+                    hyper.eps,
+                    error,
+                    len,
+                )
+            };
+            // SAFETY: a non-null result is a fresh `torch::Tensor*`, as tch's own are.
+            (!total.is_null()).then(|| unsafe { Tensor::from_ptr(total.cast()) })
+        });
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = (rest, step, lr, max_norm, hyper);
+        Err(ShimError::Unavailable("packed AdamW (CUDA kernels)"))
     }
 }
 

@@ -9,18 +9,18 @@ use dreambooth_api::spec::{ModelFormat, Precision, Samples};
 use image::RgbImage;
 
 use crate::checkpoint::{
-    CheckpointError, Component, LoadedModel, SdVersion, save_ckpt, save_diffusers_folder,
-    save_single_file_with_metadata, var_store_tensors,
+    CheckpointError, Component, LoadedModel, SdVersion, Tensors, save_ckpt, save_diffusers_folder,
+    save_single_file_with_metadata,
 };
-use crate::pipeline::{ModelVarStores, Models, PipelineError, SampleRequest, generate, to_rgb8};
+use crate::pipeline::{ModelWeights, Models, PipelineError, SampleRequest, generate, to_rgb8};
 use crate::schedulers::{PredictionType, Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 
-/// The pipeline as it is now: the trained weights (shared with the VarStores, not
-/// copied) with the base model's configs, scheduler and tokenizer.
-pub fn snapshot(base: &LoadedModel, stores: &ModelVarStores) -> LoadedModel {
-    let component = |vs: &tch::nn::VarStore, from: &Component| Component {
-        tensors: var_store_tensors(vs),
+/// The pipeline as it is now: the trained `weights` with the base model's configs,
+/// scheduler and tokenizer.
+pub fn snapshot(base: &LoadedModel, weights: ModelWeights) -> LoadedModel {
+    let component = |tensors: Tensors, from: &Component| Component {
+        tensors,
         config: from.config.clone(),
         weights: from.weights.clone(),
     };
@@ -29,9 +29,9 @@ pub fn snapshot(base: &LoadedModel, stores: &ModelVarStores) -> LoadedModel {
         kind: base.kind,
         version: base.version,
         prediction_type: base.prediction_type,
-        unet: component(&stores.unet, &base.unet),
-        text_encoder: component(&stores.text_encoder, &base.text_encoder),
-        vae: component(&stores.vae, &base.vae),
+        unet: component(weights.unet, &base.unet),
+        text_encoder: component(weights.text_encoder, &base.text_encoder),
+        vae: component(weights.vae, &base.vae),
         scheduler: base.scheduler.clone(),
         tokenizer: base.tokenizer.clone(),
     }

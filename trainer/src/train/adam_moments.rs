@@ -6,6 +6,8 @@
 use tch::{Device, Kind, Tensor};
 
 use super::optimizer::AdamWConfig;
+use super::state::saved_tensor;
+use crate::cuda::foreach::AdamWTensors;
 
 /// The trainable tensors (shared with their VarStore) by name, index-aligned with their
 /// first and second moment estimates.
@@ -42,6 +44,22 @@ impl AdamMoments {
             .map(|(_, p)| p.grad())
             .filter(Tensor::defined)
             .collect()
+    }
+
+    /// The parameters that have a gradient, with it and their moments, index-aligned:
+    /// what a fused multi-tensor kernel takes.
+    pub fn with_grads(&self) -> WithGrads {
+        let mut group = WithGrads::default();
+        for (((_, p), m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+            let grad = p.grad();
+            if grad.defined() {
+                group.params.push(p.shallow_clone());
+                group.grads.push(grad);
+                group.exp_avgs.push(m.shallow_clone());
+                group.exp_avg_sqs.push(v.shallow_clone());
+            }
+        }
+        group
     }
 
     /// Zeroes the gradients in place.
@@ -129,13 +147,6 @@ impl AdamMoments {
     /// Restores moments saved by [`AdamMoments::state_tensors`] after `steps` updates,
     /// converted to this optimizer's dtype.
     pub fn load_state(&mut self, state: &[(String, Tensor)], steps: i64) -> Result<(), String> {
-        let find = |key: &str| {
-            state
-                .iter()
-                .find(|(n, _)| n == key)
-                .map(|(_, t)| t)
-                .ok_or_else(|| format!("optimizer state lacks `{key}`"))
-        };
         let _guard = tch::no_grad_guard();
         for (((name, _), m), v) in self
             .params
@@ -147,15 +158,7 @@ impl AdamMoments {
                 (m, format!("exp_avg.{name}")),
                 (v, format!("exp_avg_sq.{name}")),
             ] {
-                let saved = find(&key)?;
-                if saved.size() != slot.size() {
-                    return Err(format!(
-                        "`{key}` has shape {:?}, the parameter {:?}",
-                        saved.size(),
-                        slot.size()
-                    ));
-                }
-                slot.copy_(saved);
+                slot.copy_(saved_tensor(state, &key, &slot.size(), "the parameter")?);
             }
         }
         self.step = steps;
@@ -168,6 +171,26 @@ impl AdamMoments {
         let params: i64 = self.params.iter().map(|(_, p)| bytes(p)).sum();
         let states: i64 = self.exp_avg.iter().chain(&self.exp_avg_sq).map(bytes).sum();
         params + states
+    }
+}
+
+/// See [`AdamMoments::with_grads`].
+#[derive(Default)]
+pub(super) struct WithGrads {
+    params: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    exp_avgs: Vec<Tensor>,
+    exp_avg_sqs: Vec<Tensor>,
+}
+
+impl WithGrads {
+    pub fn tensors(&self) -> AdamWTensors<'_> {
+        AdamWTensors {
+            params: &self.params,
+            grads: &self.grads,
+            exp_avgs: &self.exp_avgs,
+            exp_avg_sqs: &self.exp_avg_sqs,
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod low_memory;
 pub mod lr_schedule;
 pub mod objective;
 pub mod optimizer;
+pub mod packed_master;
 pub mod preemption;
 mod run_settings;
 pub mod session;

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::adam_moments::AdamMoments;
 use crate::cuda::ShimError;
-use crate::cuda::foreach::{self, AdamWHyper, AdamWTensors};
+use crate::cuda::foreach::{self, AdamWHyper};
 
 /// fast-DreamBooth's and diffusers' settings: β 0.9/0.999, weight decay 1e-2, ε 1e-8.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,6 +20,18 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub weight_decay: f64,
     pub eps: f64,
+}
+
+impl AdamWConfig {
+    /// The scalars a fused kernel takes.
+    pub fn hyper(&self) -> AdamWHyper {
+        AdamWHyper {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+        }
+    }
 }
 
 impl Default for AdamWConfig {
@@ -154,46 +166,12 @@ impl AdamW {
     /// update of every parameter with a gradient. Launches kernels only.
     pub fn apply_fused_update(&mut self) {
         let counters = self.fused.as_ref().expect("a fused optimizer");
-        let moments = &self.moments;
-        let mut params = Vec::with_capacity(moments.params.len());
-        let mut grads = Vec::with_capacity(moments.params.len());
-        let mut exp_avgs = Vec::with_capacity(moments.params.len());
-        let mut exp_avg_sqs = Vec::with_capacity(moments.params.len());
-        for (((_, p), m), v) in moments
-            .params
-            .iter()
-            .zip(&moments.exp_avg)
-            .zip(&moments.exp_avg_sq)
-        {
-            let grad = p.grad();
-            if grad.defined() {
-                params.push(p.shallow_clone());
-                grads.push(grad);
-                exp_avgs.push(m.shallow_clone());
-                exp_avg_sqs.push(v.shallow_clone());
-            }
-        }
-        let AdamWConfig {
-            beta1,
-            beta2,
-            weight_decay,
-            eps,
-        } = self.config;
+        let with_grads = self.moments.with_grads();
         foreach::fused_adamw(
-            &AdamWTensors {
-                params: &params,
-                grads: &grads,
-                exp_avgs: &exp_avgs,
-                exp_avg_sqs: &exp_avg_sqs,
-            },
+            &with_grads.tensors(),
             &counters.step,
             &counters.lr,
-            AdamWHyper {
-                beta1,
-                beta2,
-                weight_decay,
-                eps,
-            },
+            self.config.hyper(),
         )
         .expect("fused AdamW");
     }

@@ -268,7 +268,7 @@ pub fn run_session(
 
     snapshot_progress.stage = Stage::Exporting;
     progress(&snapshot_progress);
-    let model = snapshot(&base, &trainer.stores);
+    let model = snapshot(&base, trainer.weights());
     let metadata = describe(session, total, seed).metadata(&model);
     let names = write_model(
         &model,
@@ -485,7 +485,7 @@ fn write_checkpoint(
     scratch: &Path,
 ) -> Result<(), SessionError> {
     let spec = &session.spec;
-    let model = snapshot(base, &trainer.stores);
+    let model = snapshot(base, trainer.weights());
     let stem = format!("{}_step_{step}", session.name);
     let metadata = describe(session, step, trainer.settings.seed).metadata(&model);
     let names = write_model(

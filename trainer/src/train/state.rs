@@ -54,11 +54,12 @@ pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo,
         source,
     })?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (prefix, store) in [
-        ("text_encoder.", &trainer.stores.text_encoder),
-        ("unet.", &trainer.stores.unet),
+    let weights = trainer.weights();
+    for (prefix, component) in [
+        ("text_encoder.", weights.text_encoder),
+        ("unet.", weights.unet),
     ] {
-        for (name, tensor) in store.variables() {
+        for (name, tensor) in component {
             tensors.push((format!("{prefix}{name}"), tensor));
         }
     }
@@ -95,6 +96,28 @@ pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo,
         source,
     })?;
     Ok(info)
+}
+
+/// The tensor saved under `key` in `state`, checked to have `shape`; the error names the
+/// key and says what it should match (`owner`: "the model", "the parameter").
+pub(crate) fn saved_tensor<'a>(
+    state: &'a [(String, Tensor)],
+    key: &str,
+    shape: &[i64],
+    owner: &str,
+) -> Result<&'a Tensor, String> {
+    let saved = state
+        .iter()
+        .find(|(n, _)| n == key)
+        .map(|(_, t)| t)
+        .ok_or_else(|| format!("state lacks `{key}`"))?;
+    if saved.size() != shape {
+        return Err(format!(
+            "`{key}` has shape {:?}, {owner} {shape:?}",
+            saved.size()
+        ));
+    }
+    Ok(saved)
 }
 
 /// Reads a state written by [`save_state`] into `trainer`; returns the step to continue at.

@@ -20,8 +20,9 @@ use super::examples::Example;
 use super::loss_scale::LossScaler;
 use super::lr_schedule::LrSchedule;
 use super::objective::{NoiseSettings, NoisedBatch, loss, noise_batch};
+use super::state::saved_tensor;
 use crate::cuda;
-use crate::pipeline::{ModelVarStores, Models};
+use crate::pipeline::{ModelVarStores, ModelWeights, Models};
 use captured_step::StepMode;
 pub use phase_optimizer::PhaseOptimizer;
 
@@ -144,6 +145,9 @@ pub struct Trainer {
     device: Device,
     /// Whether a phase may be captured as a CUDA graph when it can be.
     cuda_graphs: bool,
+    /// Whether the UNet phase may pack its fp32 masters
+    /// ([`PackedAdamW`](super::packed_master::PackedAdamW)) when it can.
+    packed_weights: bool,
     mode: StepMode,
 }
 
@@ -185,6 +189,7 @@ impl Trainer {
                 .then(LossScaler::default),
             device,
             cuda_graphs: true,
+            packed_weights: true,
             mode: StepMode::Eager,
         }
     }
@@ -193,6 +198,17 @@ impl Trainer {
     /// at the next phase.
     pub fn set_cuda_graphs(&mut self, enabled: bool) {
         self.cuda_graphs = enabled;
+    }
+
+    /// Plain fp32 weights with autocast casts (`false`) instead of packed ones, e.g. to
+    /// compare the two. Takes effect at the next phase.
+    pub fn set_packed_weights(&mut self, enabled: bool) {
+        self.packed_weights = enabled;
+    }
+
+    /// Whether the current phase trains packed weights.
+    pub fn trains_packed_weights(&self) -> bool {
+        matches!(self.optimizer, Some((_, PhaseOptimizer::Packed(_))))
     }
 
     /// Whether the current phase replays a captured CUDA graph.
@@ -272,17 +288,22 @@ impl Trainer {
             // The scaler must see the norm now to decide whether to apply the update.
             Some(scaler) => {
                 let norm = optimizer.clip_grad_norm(1.0);
-                (Tensor::from(norm), scaler.update(norm))
+                let applied = scaler.update(norm);
+                if applied {
+                    optimizer.step(learning_rate);
+                }
+                (Tensor::from(norm), applied)
             }
             // On a GPU the norm stays there: reading it would wait for the step.
-            None if optimizer.is_fused() || self.device.is_cuda() => {
-                (optimizer.clip_grad_norm_on_device(1.0), true)
+            None if optimizer.is_capturable() || self.device.is_cuda() => {
+                (optimizer.clip_and_step_on_device(1.0, learning_rate), true)
             }
-            None => (Tensor::from(optimizer.clip_grad_norm(1.0)), true),
+            None => {
+                let norm = optimizer.clip_grad_norm(1.0);
+                optimizer.step(learning_rate);
+                (Tensor::from(norm), true)
+            }
         };
-        if applied {
-            optimizer.step(learning_rate);
-        }
         optimizer.zero_grad();
         (loss, grad_norm, applied)
     }
@@ -385,13 +406,45 @@ impl Trainer {
             }
         }
         let params = trainable(self.store(phase));
-        let optimizer = PhaseOptimizer::for_memory_mode(self.settings.memory, params, self.device);
-        self.optimizer = Some((phase, optimizer));
+        let pack = self.can_pack(phase);
+        if pack {
+            tracing::info!(
+                ?phase,
+                "fp32 master weights packed as bf16 + 16-bit remainder: no autocast casts, \
+                 bf16 gradients"
+            );
+        }
+        let optimizer =
+            PhaseOptimizer::for_memory_mode(self.settings.memory, params, self.device, pack);
         // The previous phase's graph may still be running; its pool is freed with it.
         if let (StepMode::Replaying(_), Device::Cuda(index)) = (&self.mode, self.device) {
             tch::Cuda::synchronize(index as i64);
         }
+        if let Some((_, previous)) = self.optimizer.replace((phase, optimizer)) {
+            previous.finish();
+        }
         self.mode = self.step_mode_for(phase);
+    }
+
+    /// Packed weights need the UNet phase (the text encoder's embeddings must stay fp32
+    /// lookups), bf16 autocast, CUDA and our kernels.
+    fn can_pack(&self, phase: Phase) -> bool {
+        self.packed_weights
+            && phase == Phase::Unet
+            && self.settings.memory == MemoryMode::Default
+            && self.settings.precision == StepPrecision::Bf16Autocast
+            && self.device.is_cuda()
+            && crate::cuda::foreach::kernels_available()
+    }
+
+    /// The networks' weights by name as they are saved: the VarStores' tensors, with the
+    /// exact fp32 masters of packed parameters (on the CPU) in place of their bf16 halves.
+    pub fn weights(&self) -> ModelWeights {
+        let mut weights = ModelWeights::of(&self.stores);
+        if let Some((Phase::Unet, optimizer)) = &self.optimizer {
+            weights.unet.extend(optimizer.master_weights());
+        }
+        weights
     }
 
     /// The frozen text encoder's output for every caption, computed once for phase 2.
@@ -505,18 +558,7 @@ pub fn restore_weights(
     let _guard = tch::no_grad_guard();
     for (name, mut var) in store.variables() {
         let key = format!("{prefix}{name}");
-        let saved = tensors
-            .iter()
-            .find(|(n, _)| *n == key)
-            .map(|(_, t)| t)
-            .ok_or_else(|| format!("state lacks `{key}`"))?;
-        if saved.size() != var.size() {
-            return Err(format!(
-                "`{key}` has shape {:?}, the model {:?}",
-                saved.size(),
-                var.size()
-            ));
-        }
+        let saved = saved_tensor(tensors, &key, &var.size(), "the model")?;
         // `copy_` converts to the variable's dtype (fp32, or bf16 for lowMemory).
         var.copy_(&saved.to_device(var.device()));
     }

@@ -1,6 +1,6 @@
 //! The CUDA-graph path of the training loop. A phase that can be captured runs
 //! [`WARMUP_STEPS`] eager steps on the capture stream, then records one whole step
-//! (latent and noise draws, forward, loss, backward, clip, fused AdamW)
+//! (latent and noise draws, forward, loss, backward, clip, fused or packed AdamW)
 //! as a CUDA graph and replays it for every later step of the phase: one launch per step
 //! instead of thousands, and no host sync inside.
 //!
@@ -97,8 +97,12 @@ impl Trainer {
         if mixed {
             return Some("the latents have several sizes (aspect-ratio buckets)");
         }
-        if !self.optimizer.as_ref().is_some_and(|(_, o)| o.is_fused()) {
-            return Some("the optimizer is not the fused kernel");
+        if !self
+            .optimizer
+            .as_ref()
+            .is_some_and(|(_, o)| o.is_capturable())
+        {
+            return Some("the optimizer is not a fused kernel");
         }
         None
     }
@@ -159,11 +163,7 @@ impl Trainer {
             optimizer.zero_grad();
             let loss = self.forward_backward(phase, &inputs.iter().collect::<Vec<_>>(), 1.0);
             let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
-            let grad_norm = optimizer.clip_grad_norm_on_device(1.0);
-            optimizer
-                .fused()
-                .expect("a captured phase has the fused optimizer")
-                .apply_fused_update();
+            let grad_norm = optimizer.apply_captured_update(1.0);
             (loss, grad_norm)
         })?;
         Ok(CapturedStep {
@@ -192,10 +192,7 @@ impl Trainer {
             }
         }
         let (_, optimizer) = self.optimizer.as_mut().expect("entered a phase");
-        optimizer
-            .fused()
-            .expect("a captured phase has the fused optimizer")
-            .set_next_step(learning_rate);
+        optimizer.set_next_step(learning_rate);
         captured
             .graph
             .replay()

@@ -9,11 +9,12 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . bench/lib-path.sh
 export TRAINER=bench/bin/dreambooth-trainer
-# The binary travels xz-compressed (the carried files have a size limit).
-if [ -f "$TRAINER.xz" ] && [ ! -x "$TRAINER" ]; then
-  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$TRAINER.xz" "$TRAINER"
-  chmod +x "$TRAINER"
-fi
+# The binaries travel xz-compressed (the carried files have a size limit).
+for xz in bench/bin/*.xz; do
+  [ -x "${xz%.xz}" ] && continue
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$xz" "${xz%.xz}"
+  chmod +x "${xz%.xz}"
+done
 STEPS="${STEPS:-30}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'

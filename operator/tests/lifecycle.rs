@@ -281,22 +281,7 @@ async fn job_deleted_behind_our_back_is_recreated_unless_finished() {
             .any(|r| r == "JobRecreated")
     );
 
-    cluster
-        .pod(
-            "anna",
-            1,
-            "Succeeded",
-            Some((
-                0,
-                outcome(Outcome {
-                    outcome: ExitKind::Succeeded,
-                    step: 10,
-                    manifest_uri: None,
-                    message: None,
-                }),
-            )),
-        )
-        .await;
+    cluster.pod_succeeded("anna", 1, 10).await;
     cluster.finish_job("anna-1", "Complete").await;
     cluster.reconcile("anna").await;
     cluster.delete_job("anna-1").await;
@@ -477,22 +462,7 @@ async fn max_running_sessions_admits_first_come_first_served() {
     assert_eq!(waiting.phase, Phase::Pending);
     assert!(waiting.message.unwrap().contains("max-running-sessions"));
 
-    cluster
-        .pod(
-            "first",
-            1,
-            "Succeeded",
-            Some((
-                0,
-                outcome(Outcome {
-                    outcome: ExitKind::Succeeded,
-                    step: 1,
-                    manifest_uri: None,
-                    message: None,
-                }),
-            )),
-        )
-        .await;
+    cluster.pod_succeeded("first", 1, 1).await;
     cluster.finish_job("first-1", "Complete").await;
     cluster.reconcile("first").await;
     cluster.reconcile("second").await;

@@ -6,11 +6,10 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use dreambooth_api::{ExitKind, Outcome};
 use dreambooth_operator::leader::LeaseLock;
 use dreambooth_operator::rbac::{LEADER_ELECTION_RULES, PolicyRule, RULES, allows};
 use k8s_openapi::jiff::Timestamp;
-use support::{Cluster, outcome, rbac_triple, spec};
+use support::{Cluster, rbac_triple, spec};
 
 fn granted(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     rules
@@ -52,22 +51,7 @@ async fn reconcile_uses_exactly_the_granted_permissions() {
     cluster.finish_job("anna-1", "Failed").await;
     cluster.advance(3600);
     cluster.reconcile("anna").await;
-    cluster
-        .pod(
-            "anna",
-            2,
-            "Succeeded",
-            Some((
-                0,
-                outcome(Outcome {
-                    outcome: ExitKind::Succeeded,
-                    step: 5,
-                    manifest_uri: None,
-                    message: None,
-                }),
-            )),
-        )
-        .await;
+    cluster.pod_succeeded("anna", 2, 5).await;
     cluster.finish_job("anna-2", "Complete").await;
     cluster.reconcile("anna").await;
     cluster.advance(10);

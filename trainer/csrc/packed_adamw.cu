@@ -1,9 +1,9 @@
 // AdamW over packed fp32 master weights: each weight is kept as its bf16 rounding (the
 // tensor the forward pass computes with, so autocast has nothing to cast) plus a 16-bit
 // remainder that restores the exact fp32 value. The kernel reconstructs the fp32 master,
-// applies the clipped bf16 gradient with fp32 moments, and writes both halves back, so
-// the weights, the compute copy and the update stay bit-exact fp32 AdamW in 14 bytes a
-// parameter (gradient included) instead of 16.
+// applies the clipped bf16 gradient with fp32 moments, and writes both halves back: fp32
+// masters kept exactly and fp32 AdamW arithmetic, in 14 bytes a parameter (gradient
+// included) instead of 16.
 //
 // Plain CUDA (no libtorch headers): the shim in fused_optimizer.cpp hands over raw
 // pointers and the current stream, so launches are captured by a CUDA graph like any

@@ -1,6 +1,7 @@
 //! `https://` base models against a local HTTP server: redirects followed, the sha256
-//! pin checked before anything is kept, a size limit, and a stalled body timing out as
-//! a retriable error. (Plain `http://` to 127.0.0.1 takes the same code path.)
+//! pin checked before anything is kept, a size limit, a stalled body timing out as a
+//! retriable error, and unpinned files revalidated with their ETag. (Plain `http://` to
+//! 127.0.0.1 takes the same code path.)
 
 #[path = "common/http_server.rs"]
 mod http_server;
@@ -180,4 +181,45 @@ fn missing_files_are_permanent_and_server_errors_retriable() {
             .count(),
         2
     );
+}
+
+#[test]
+fn an_unpinned_model_is_revalidated_instead_of_downloaded_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A server whose file has a version, named by its ETag, that honours If-None-Match.
+    let version = Arc::new(AtomicUsize::new(1));
+    let bodies = Arc::new(AtomicUsize::new(0));
+    let (v, sent) = (version.clone(), bodies.clone());
+    let server = TestServer::start(move |request| {
+        let etag = format!("\"v{}\"", v.load(Ordering::SeqCst));
+        if request.header("if-none-match") == Some(etag.as_str()) {
+            return Response::new(304, "");
+        }
+        sent.fetch_add(1, Ordering::SeqCst);
+        Response::new(200, format!("weights {etag}")).header("ETag", etag)
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let url = server.url("/models/m.safetensors");
+
+    let path = fetcher(cache.path()).fetch(&url, None).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"weights \"v1\"");
+    // A later attempt (a fresh fetcher, as a new pod would make) asks, and reuses.
+    let again = fetcher(cache.path()).fetch(&url, None).unwrap();
+    assert_eq!(again, path);
+    assert_eq!(bodies.load(Ordering::SeqCst), 1, "the body was sent once");
+    assert_eq!(server.requests().len(), 2);
+
+    // Changed on the server: downloaded again.
+    version.store(2, Ordering::SeqCst);
+    let path = fetcher(cache.path()).fetch(&url, None).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"weights \"v2\"");
+    assert_eq!(bodies.load(Ordering::SeqCst), 2);
+
+    // A cached copy changed locally is not vouched for by its validators: downloaded
+    // without asking (the server would have answered 304 to the ETag).
+    std::fs::write(&path, b"damaged").unwrap();
+    let path = fetcher(cache.path()).fetch(&url, None).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"weights \"v2\"");
+    assert_eq!(bodies.load(Ordering::SeqCst), 3);
 }

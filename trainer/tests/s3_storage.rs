@@ -316,3 +316,155 @@ fn fetched_inputs_are_cached_and_follow_the_remote_prefix() {
         "{err}"
     );
 }
+
+#[test]
+fn throttled_requests_are_retried_until_the_server_accepts_them() {
+    let server = server_with_bucket("busy");
+    // Open through moto directly, so the throttling below hits the transfers themselves.
+    let proxy = SlowDownProxy::start(&server.endpoint(), 0);
+    let storage = open_storage_with("s3://busy/run", &settings(&proxy.endpoint())).unwrap();
+    let before = stats::snapshot();
+    proxy.throttle_next(2);
+    let put = storage.put_bytes("a.txt", b"after two SlowDowns").unwrap();
+    assert_eq!(put.sha256, sha256_hex(b"after two SlowDowns"));
+    proxy.throttle_next(2);
+    assert_eq!(storage.get_bytes("a.txt").unwrap(), b"after two SlowDowns");
+    assert_eq!(proxy.throttled(), 4);
+    let after = stats::snapshot();
+    let count = |s: &stats::TransferStats| s.retries.get("throttled").copied().unwrap_or(0);
+    assert!(count(&after) >= count(&before) + 4);
+}
+
+#[test]
+fn throttling_past_the_retries_is_retriable_and_writes_nothing() {
+    let server = server_with_bucket("busier");
+    let proxy = SlowDownProxy::start(&server.endpoint(), 0);
+    let storage = open_storage_with("s3://busier/run", &settings(&proxy.endpoint())).unwrap();
+    proxy.throttle_next(100);
+    let err = storage.put_bytes("b.txt", b"never lands").unwrap_err();
+    assert!(
+        matches!(err, StorageError::Unavailable { attempts: 3, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_retriable());
+    let message = err.to_string();
+    assert!(message.contains("s3://busier/run/b.txt"), "{message}");
+    assert!(message.contains("SlowDown"), "{message}");
+    assert_eq!(proxy.throttled(), 3);
+    let direct = open_storage_with("s3://busier/run", &settings(&server.endpoint())).unwrap();
+    assert!(direct.stat("b.txt").unwrap().is_none());
+}
+
+/// A TCP proxy in front of an S3 endpoint that answers the next `n` requests with
+/// S3's `503 SlowDown` and passes the others through. Every request is made the last of
+/// its connection (`Connection: close`), so each one meets the decision afresh.
+struct SlowDownProxy {
+    addr: std::net::SocketAddr,
+    /// Requests still to throttle, and requests throttled so far.
+    budget: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    throttled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowDownProxy {
+    fn start(upstream_endpoint: &str, throttle: usize) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let upstream: std::net::SocketAddr = upstream_endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an http://host:port endpoint");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let budget = Arc::new(AtomicUsize::new(throttle));
+        let throttled = Arc::new(AtomicUsize::new(0));
+        let (b, t) = (budget.clone(), throttled.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (b, t) = (b.clone(), t.clone());
+                std::thread::spawn(move || Self::serve(client, upstream, &b, &t));
+            }
+        });
+        SlowDownProxy {
+            addr,
+            budget,
+            throttled,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn throttle_next(&self, n: usize) {
+        self.budget.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn throttled(&self) -> usize {
+        self.throttled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn serve(
+        mut client: std::net::TcpStream,
+        upstream: std::net::SocketAddr,
+        budget: &std::sync::atomic::AtomicUsize,
+        throttled: &std::sync::atomic::AtomicUsize,
+    ) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::Ordering;
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        // Look at the first request's head before deciding what to do with the connection.
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let end = line == "\r\n";
+            head.extend_from_slice(line.as_bytes());
+            if end {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            // Drain the body (unless the client waits for `100 Continue`), then refuse.
+            let length = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if !text.contains("expect: 100-continue") {
+                let _ = std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink());
+            }
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+                        <Message>Please reduce your request rate.</Message>\
+                        <RequestId>throttled</RequestId></Error>";
+            let _ = write!(
+                client,
+                "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            throttled.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        // Pass the request through, as its connection's last, then the response back.
+        let Ok(mut server) = std::net::TcpStream::connect(upstream) else {
+            return;
+        };
+        head.truncate(head.len() - 2);
+        head.extend_from_slice(b"Connection: close\r\n\r\n");
+        let _ = server.write_all(&head);
+        let mut to_server = server.try_clone().unwrap();
+        let forward = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut to_server);
+            let _ = to_server.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut server, &mut client);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+        let _ = forward.join();
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dreambooth_api::crd::{ClusterSpec, DreamBoothSession, DreamBoothSessionSpec};
-use dreambooth_api::{Outcome, Progress, SessionSpec};
+use dreambooth_api::{ExitKind, Outcome, Progress, SessionSpec};
 use dreambooth_operator::controller::{Context, Settings, reconcile};
 use dreambooth_operator::http::{Reply, serve};
 use dreambooth_operator::job::JobSettings;
@@ -161,6 +161,19 @@ impl Cluster {
             .collect();
         names.sort();
         names
+    }
+
+    /// Attempt `attempt`'s pod ended well after `step` steps (exit 0, the trainer's
+    /// termination message).
+    pub async fn pod_succeeded(&self, session: &str, attempt: u32, step: u32) {
+        let message = outcome(Outcome {
+            outcome: ExitKind::Succeeded,
+            step,
+            manifest_uri: None,
+            message: None,
+        });
+        self.pod(session, attempt, "Succeeded", Some((0, message)))
+            .await;
     }
 
     /// The kubelet: a pod of `job` in `phase`, on 127.0.0.1 where the stand-in trainer listens.

@@ -2,12 +2,16 @@
 //! redirects followed, a size limit, stalls timed out, an optional SHA-256 pin checked
 //! before the file is kept. The body streams into a temp file beside the destination and
 //! is renamed into place only when complete and verified, so a partial or wrong download
-//! is never used and never cached.
+//! is never used and never cached. An unpinned file is kept with the server's validators
+//! (`ETag`, `Last-Modified`), and a later attempt asks the server whether it changed
+//! (`If-None-Match`, `If-Modified-Since`) instead of downloading it again.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use super::fetch::hash_file;
 use super::retry::{Failure, RetryPolicy, clock_jitter};
@@ -37,9 +41,46 @@ impl Default for HttpsOptions {
     }
 }
 
+/// Beside a cached download: what the server said identifies its bytes, and what the
+/// local copy must still be for those words to apply to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Validators {
+    etag: Option<String>,
+    last_modified: Option<String>,
+    size: u64,
+    sha256: String,
+}
+
+const VALIDATORS_FILE: &str = ".validators.json";
+
+/// The validators of the cached `dest`, when the file is still the one they describe.
+fn cached_validators(folder: &Path, dest: &Path) -> Option<Validators> {
+    let text = fs::read_to_string(folder.join(VALIDATORS_FILE)).ok()?;
+    let validators: Validators = serde_json::from_str(&text).ok()?;
+    let size = fs::metadata(dest).ok()?.len();
+    let intact = size == validators.size
+        && hash_file(dest)
+            .ok()
+            .is_some_and(|h| h.sha256 == validators.sha256);
+    intact.then_some(validators)
+}
+
+/// What one attempt got.
+enum Fetched {
+    /// The server confirmed the cached copy (304).
+    NotModified,
+    Body {
+        temp: tempfile::NamedTempFile,
+        done: Transferred,
+        etag: Option<String>,
+        last_modified: Option<String>,
+    },
+}
+
 /// Downloads `url` into `folder` (named after the URL's last path segment) and returns
-/// the file. With a pin, a cached file that already hashes to it is reused; without one
-/// the file is fetched again, since nothing else says the remote bytes are unchanged.
+/// the file. With a pin, a cached file that already hashes to it is reused. Without one,
+/// a cached file is reused when the server answers 304 to its validators; otherwise (no
+/// validators, or the server ignores them) the file is fetched again.
 pub fn download_cached(
     url: &str,
     folder: &Path,
@@ -54,6 +95,10 @@ pub fn download_cached(
         tracing::debug!("{url}: using the cached copy");
         return Ok(dest);
     }
+    let cached = sha256
+        .is_none()
+        .then(|| cached_validators(folder, &dest))
+        .flatten();
     fs::create_dir_all(folder).map_err(|e| StorageError::io(folder, "create the folder", e))?;
     let agent = ureq::AgentBuilder::new()
         .timeout_connect(options.connect_timeout)
@@ -62,9 +107,18 @@ pub fn download_cached(
         .build();
     let started = Instant::now();
     let mut attempt = 1;
-    let (temp, done) = loop {
-        match try_download(&agent, url, folder, options.max_bytes) {
-            Ok(result) => break result,
+    let (temp, done, etag, last_modified) = loop {
+        match try_download(&agent, url, folder, options.max_bytes, cached.as_ref()) {
+            Ok(Fetched::NotModified) => {
+                tracing::info!("{url}: unchanged on the server (304), using the cached copy");
+                return Ok(dest);
+            }
+            Ok(Fetched::Body {
+                temp,
+                done,
+                etag,
+                last_modified,
+            }) => break (temp, done, etag, last_modified),
             Err(Failure::Permanent(error)) => return Err(error.counted()),
             Err(Failure::Transient { kind, message }) => {
                 if attempt >= options.retry.max_attempts {
@@ -93,26 +147,65 @@ pub fn download_cached(
         }
         .counted());
     }
+    // Old validators go first: they must never describe the new bytes, even briefly.
+    let validators_path = folder.join(VALIDATORS_FILE);
+    match fs::remove_file(&validators_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(StorageError::io(&validators_path, "remove", e));
+        }
+        _ => {}
+    }
     temp.persist(&dest)
         .map_err(|e| StorageError::io(&dest, "rename the temp file onto", e.error))?;
     stats::record_download(done.bytes, started.elapsed());
+    if etag.is_some() || last_modified.is_some() {
+        let validators = Validators {
+            etag,
+            last_modified,
+            size: done.bytes,
+            sha256: done.sha256,
+        };
+        let json = serde_json::to_vec(&validators).expect("validators serialize");
+        fs::write(&validators_path, json)
+            .map_err(|e| StorageError::io(&validators_path, "write", e))?;
+    }
     Ok(dest)
 }
 
-/// One attempt: the whole body into a fresh temp file, hashed as it streams.
+/// One attempt: the whole body into a fresh temp file, hashed as it streams, or 304 when
+/// `cached` validators are sent and the server confirms them.
 fn try_download(
     agent: &ureq::Agent,
     url: &str,
     folder: &Path,
     max_bytes: u64,
-) -> Result<(tempfile::NamedTempFile, Transferred), Failure<StorageError>> {
+    cached: Option<&Validators>,
+) -> Result<Fetched, Failure<StorageError>> {
     let permanent = |message: String| {
         Failure::Permanent(StorageError::Rejected {
             uri: url.to_string(),
             message,
         })
     };
-    let response = match agent.get(url).call() {
+    let mut request = agent.get(url);
+    if let Some(etag) = cached.and_then(|v| v.etag.as_deref()) {
+        request = request.set("If-None-Match", etag);
+    }
+    if let Some(date) = cached.and_then(|v| v.last_modified.as_deref()) {
+        request = request.set("If-Modified-Since", date);
+    }
+    let response = match request.call() {
+        Ok(response) if response.status() == 304 && cached.is_some() => {
+            return Ok(Fetched::NotModified);
+        }
+        // Redirects left unfollowed, or a 304 to a request that asked for none.
+        Ok(response) if !(200..300).contains(&response.status()) => {
+            return Err(permanent(format!(
+                "HTTP {} {}",
+                response.status(),
+                response.status_text()
+            )));
+        }
         Ok(response) => response,
         Err(ureq::Error::Status(status, response)) => {
             let detail = format!("HTTP {status} {}", response.status_text());
@@ -146,6 +239,8 @@ fn try_download(
             limit: max_bytes,
         }));
     }
+    let etag = response.header("ETag").map(str::to_owned);
+    let last_modified = response.header("Last-Modified").map(str::to_owned);
     let mut temp = tempfile::Builder::new()
         .prefix(".download.")
         .suffix(".partial")
@@ -187,7 +282,12 @@ fn try_download(
     temp.as_file()
         .sync_all()
         .map_err(|e| Failure::Permanent(StorageError::io(temp.path(), "fsync", e)))?;
-    Ok((temp, hash.finish()))
+    Ok(Fetched::Body {
+        temp,
+        done: hash.finish(),
+        etag,
+        last_modified,
+    })
 }
 
 fn transport_failure(transport: &ureq::Transport) -> Failure<StorageError> {

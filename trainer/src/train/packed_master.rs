@@ -7,9 +7,9 @@
 //! over the gradients a step, and 4 bytes a parameter for gradients that only ever held
 //! bf16 values. Packed, the matrices (and their biases) *are* bf16 tensors (the
 //! rounding autocast would have made), their gradients arrive in bf16, and the remainder
-//! keeps the exact fp32 master, so AdamW (`csrc/packed_adamw.cu`) is still fp32 AdamW
-//! bit for bit, on 14 bytes a parameter instead of 16. The clip is folded into the
-//! update. Norm scales and shifts, which autocast runs in fp32, stay plain fp32 tensors
+//! keeps the exact fp32 master, so AdamW (`csrc/packed_adamw.cu`) still updates fp32
+//! masters in fp32 arithmetic, on 14 bytes a parameter instead of 16. The clip is folded
+//! into the update. Norm scales and shifts, which autocast runs in fp32, stay plain fp32 tensors
 //! with libtorch's fused AdamW.
 //!
 //! The packing is exact: `unpack(pack(x)) == x` for every finite fp32 `x` (the bf16 half

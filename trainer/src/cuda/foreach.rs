@@ -1,8 +1,10 @@
 //! Multi-tensor kernels for the optimizer half of a step (backed by
 //! `csrc/fused_optimizer.cpp`): libtorch's fused AdamW with device-side step and LR, a
-//! grad-norm clip that never reads a value back to the CPU, and dropping gradients. A few kernel launches for the whole model instead of several per tensor,
-//! and nothing that syncs, so a CUDA graph can capture them. The kernels also exist for
-//! CPU tensors, which is where their numerics are tested.
+//! grad-norm clip that never reads a value back to the CPU, dropping gradients, and our
+//! own AdamW over packed weights (`csrc/packed_adamw.cu`). A few kernel launches for the
+//! whole model instead of several per tensor, and nothing that syncs, so a CUDA graph can
+//! capture them. libtorch's kernels also exist for CPU tensors, which is where their
+//! numerics are tested; the packed one runs on CUDA only.
 
 use tch::Tensor;
 

@@ -9,8 +9,8 @@
 //! rounding autocast would have made), their gradients arrive in bf16, and the remainder
 //! keeps the exact fp32 master, so AdamW (`csrc/packed_adamw.cu`) still updates fp32
 //! masters in fp32 arithmetic, on 14 bytes a parameter instead of 16. The clip is folded
-//! into the update. Norm scales and shifts, which autocast runs in fp32, stay plain fp32 tensors
-//! with libtorch's fused AdamW.
+//! into the update. Norm scales and shifts, which autocast runs in fp32, stay plain fp32
+//! tensors with libtorch's fused AdamW.
 //!
 //! The packing is exact: `unpack(pack(x)) == x` for every finite fp32 `x` (the bf16 half
 //! rounds to nearest, exact ties away from zero, so the remainder fits in 16 bits).

@@ -120,10 +120,7 @@ async fn created_running_succeeded() {
 #[tokio::test]
 async fn reconciling_twice_writes_nothing_the_second_time() {
     let cluster = Cluster::new().await;
-    cluster.create("anna", spec()).await;
-    cluster.reconcile("anna").await;
-    cluster.pod("anna", 1, "Running", None).await;
-    cluster.reconcile("anna").await;
+    cluster.start_running("anna").await;
     let before = cluster.session("anna").await;
     let job_before = cluster.jobs.get("anna-1").await.unwrap();
     let events_before = cluster.event_reasons().await.len();
@@ -145,10 +142,7 @@ async fn reconciling_twice_writes_nothing_the_second_time() {
 #[tokio::test]
 async fn retriable_failure_resumes_in_attempt_two_after_backoff() {
     let cluster = Cluster::new().await;
-    cluster.create("anna", spec()).await;
-    cluster.reconcile("anna").await;
-    cluster.pod("anna", 1, "Running", None).await;
-    cluster.reconcile("anna").await;
+    cluster.start_running("anna").await;
 
     let message = outcome(Outcome {
         outcome: ExitKind::Retriable,
@@ -295,10 +289,7 @@ async fn job_deleted_behind_our_back_is_recreated_unless_finished() {
 #[tokio::test]
 async fn suspend_and_resume_flip_the_job() {
     let cluster = Cluster::new().await;
-    cluster.create("anna", spec()).await;
-    cluster.reconcile("anna").await;
-    cluster.pod("anna", 1, "Running", None).await;
-    cluster.reconcile("anna").await;
+    cluster.start_running("anna").await;
 
     let mut session = cluster.session("anna").await;
     session.spec.cluster.suspend = Some(true);

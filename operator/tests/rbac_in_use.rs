@@ -9,7 +9,7 @@ use std::time::Duration;
 use dreambooth_operator::leader::LeaseLock;
 use dreambooth_operator::rbac::{LEADER_ELECTION_RULES, PolicyRule, RULES, allows};
 use k8s_openapi::jiff::Timestamp;
-use support::{Cluster, rbac_triple, spec};
+use support::{Cluster, spec};
 
 fn granted(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     rules
@@ -67,13 +67,7 @@ async fn reconcile_uses_exactly_the_granted_permissions() {
     cluster.advance(61);
     cluster.reconcile("late").await;
 
-    let used: BTreeSet<_> = cluster
-        .calls
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(method, uri)| rbac_triple(method, uri))
-        .collect();
+    let used = cluster.rbac_used();
     for (group, resource, verb) in &used {
         assert!(
             allows(RULES, group, resource, verb),
@@ -107,12 +101,6 @@ async fn leader_election_uses_exactly_its_rules() {
     let now: Timestamp = support::START.parse().unwrap();
     assert!(lease("a").try_acquire_or_renew(now).await.unwrap());
     assert!(lease("a").try_acquire_or_renew(now).await.unwrap());
-    let used: BTreeSet<_> = cluster
-        .calls
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(method, uri)| rbac_triple(method, uri))
-        .collect();
+    let used = cluster.rbac_used();
     assert_eq!(used, granted(LEADER_ELECTION_RULES));
 }

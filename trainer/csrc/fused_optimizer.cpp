@@ -25,6 +25,24 @@ void report(const std::exception& e, char* error, size_t error_len) {
   if (error != nullptr && error_len > 0) std::snprintf(error, error_len, "%s", e.what());
 }
 
+// libtorch's fused AdamW over `count` parameters; every one shares the step tensor
+// (already counted), which the kernel only reads.
+void fused_adamw_update(at::Tensor* const* params, std::vector<at::Tensor> grads,
+                        at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                        int64_t count, const at::Tensor& step, const at::Tensor& lr,
+                        double beta1, double beta2, double weight_decay, double eps) {
+  std::vector<at::Tensor> steps(static_cast<size_t>(count), step);
+  at::_fused_adamw_(gather(params, count), grads, gather(exp_avgs, count),
+                    gather(exp_avg_sqs, count), {}, steps, lr, beta1, beta2, weight_decay,
+                    eps, /*amsgrad=*/false, /*maximize=*/false);
+}
+
+// What torch.nn.utils.clip_grad_norm_ multiplies the gradients by for a global norm of
+// `total`.
+at::Tensor clip_coefficient(const at::Tensor& total, double max_norm) {
+  return (max_norm / (total + 1e-6)).clamp_max(1.0);
+}
+
 }  // namespace
 
 extern "C" {
@@ -40,12 +58,8 @@ int dbt_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
   try {
     c10::NoGradGuard no_grad;
     step->add_(1);
-    // Every parameter shares the one step tensor: the kernel only reads it.
-    std::vector<at::Tensor> steps(static_cast<size_t>(count), *step);
-    at::_fused_adamw_(gather(params, count), gather(grads, count),
-                      gather(exp_avgs, count), gather(exp_avg_sqs, count), {}, steps,
-                      *lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
-                      /*maximize=*/false);
+    fused_adamw_update(params, gather(grads, count), exp_avgs, exp_avg_sqs, count, *step,
+                       *lr, beta1, beta2, weight_decay, eps);
     return 0;
   } catch (const std::exception& e) {
     report(e, error, error_len);
@@ -63,8 +77,7 @@ at::Tensor* dbt_clip_grad_norm(at::Tensor* const* grads, int64_t count, double m
     auto list = gather(grads, count);
     auto norms = at::_foreach_norm(list, 2);
     auto total = at::linalg_vector_norm(at::stack(norms), 2);
-    auto coefficient = (max_norm / (total + 1e-6)).clamp_max(1.0);
-    at::_foreach_mul_(list, coefficient);
+    at::_foreach_mul_(list, clip_coefficient(total, max_norm));
     return new at::Tensor(total);
   } catch (const std::exception& e) {
     report(e, error, error_len);
@@ -131,14 +144,12 @@ at::Tensor* dbt_packed_adamw(at::Tensor* const* packed_grads, const int64_t* off
     }
     auto total = norms.empty() ? at::zeros({}, step->options())
                                : at::linalg_vector_norm(at::stack(norms), 2);
-    auto coefficient = (max_norm / (total + 1e-6)).clamp_max(1.0);
+    auto coefficient = clip_coefficient(total, max_norm);
     step->add_(1);
     if (!rest.empty()) {
       at::_foreach_mul_(rest, coefficient);
-      std::vector<at::Tensor> steps(static_cast<size_t>(count), *step);
-      at::_fused_adamw_(gather(params, count), rest, gather(exp_avgs, count),
-                        gather(exp_avg_sqs, count), {}, steps, *lr, beta1, beta2,
-                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+      fused_adamw_update(params, rest, exp_avgs, exp_avg_sqs, count, *step, *lr, beta1,
+                         beta2, weight_decay, eps);
     }
     std::vector<const void*> pointers;
     std::vector<int64_t> numels;

@@ -136,7 +136,7 @@ fn a_low_memory_state_resumes_the_same_losses_bit_for_bit() {
     for step in 0..split {
         assert_eq!(first.step(step).loss, losses[step as usize]);
     }
-    let info = save_state(&first, split, dir.path()).unwrap();
+    let info = save_state(&first, &first.weights(), split, dir.path()).unwrap();
     assert_eq!(info.memory, TrainingMemory::LowMemory);
     drop(first);
     // What was written is bf16: the weights and the optimizer's moments.

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,6 +162,25 @@ impl Cluster {
             .collect();
         names.sort();
         names
+    }
+
+    /// A session created with the default spec whose first attempt's pod is running,
+    /// reconciled after each step.
+    pub async fn start_running(&self, name: &str) {
+        self.create(name, spec()).await;
+        self.reconcile(name).await;
+        self.pod(name, 1, "Running", None).await;
+        self.reconcile(name).await;
+    }
+
+    /// The (group, resource, verb) of every request made so far.
+    pub fn rbac_used(&self) -> BTreeSet<(String, String, String)> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(method, uri)| rbac_triple(method, uri))
+            .collect()
     }
 
     /// Attempt `attempt`'s pod ended well after `step` steps (exit 0, the trainer's

@@ -18,9 +18,12 @@ use crate::tokenizer::ClipTokenizer;
 
 /// The pipeline as it is now: the trained `weights` with the base model's configs,
 /// scheduler and tokenizer.
-pub fn snapshot(base: &LoadedModel, weights: ModelWeights) -> LoadedModel {
-    let component = |tensors: Tensors, from: &Component| Component {
-        tensors,
+pub fn snapshot(base: &LoadedModel, weights: &ModelWeights) -> LoadedModel {
+    let component = |tensors: &Tensors, from: &Component| Component {
+        tensors: tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.shallow_clone()))
+            .collect(),
         config: from.config.clone(),
         weights: from.weights.clone(),
     };
@@ -29,9 +32,9 @@ pub fn snapshot(base: &LoadedModel, weights: ModelWeights) -> LoadedModel {
         kind: base.kind,
         version: base.version,
         prediction_type: base.prediction_type,
-        unet: component(weights.unet, &base.unet),
-        text_encoder: component(weights.text_encoder, &base.text_encoder),
-        vae: component(weights.vae, &base.vae),
+        unet: component(&weights.unet, &base.unet),
+        text_encoder: component(&weights.text_encoder, &base.text_encoder),
+        vae: component(&weights.vae, &base.vae),
         scheduler: base.scheduler.clone(),
         tokenizer: base.tokenizer.clone(),
     }

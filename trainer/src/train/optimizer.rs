@@ -233,37 +233,40 @@ mod tests {
         assert!((grad[0] - 1.0 / 2f32.sqrt()).abs() < 1e-5, "{grad:?}");
     }
 
+    /// The parameter after six steps on a fixed quadratic, the optimizer rebuilt by
+    /// `fresh` and restored from its saved state before step `split` (if any).
+    fn resumed_trajectory(split: Option<usize>, fresh: impl Fn(&Tensor) -> AdamW) -> Tensor {
+        let p = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
+        let mut opt = fresh(&p);
+        for i in 0..6 {
+            if Some(i) == split {
+                let state: Vec<(String, Tensor)> = opt
+                    .state_tensors()
+                    .into_iter()
+                    .map(|(n, t)| (n, t.copy()))
+                    .collect();
+                let steps = opt.steps_taken();
+                opt = fresh(&p);
+                opt.load_state(&state, steps).unwrap();
+            }
+            opt.zero_grad();
+            (p.square() * Tensor::from_slice(&[1f32, 2.0, 3.0]))
+                .sum(Kind::Float)
+                .backward();
+            opt.step(0.05);
+        }
+        p.detach()
+    }
+
     #[test]
     fn saved_state_resumes_the_same_trajectory() {
-        let run = |split: Option<usize>| {
-            let p = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
-            let mut opt = AdamW::new(
+        let fresh = |p: &Tensor| {
+            AdamW::new(
                 vec![("w".into(), p.shallow_clone())],
                 AdamWConfig::default(),
-            );
-            for i in 0..6 {
-                if Some(i) == split {
-                    let state: Vec<(String, Tensor)> = opt
-                        .state_tensors()
-                        .into_iter()
-                        .map(|(n, t)| (n, t.copy()))
-                        .collect();
-                    let steps = opt.steps_taken();
-                    opt = AdamW::new(
-                        vec![("w".into(), p.shallow_clone())],
-                        AdamWConfig::default(),
-                    );
-                    opt.load_state(&state, steps).unwrap();
-                }
-                opt.zero_grad();
-                (p.square() * Tensor::from_slice(&[1f32, 2.0, 3.0]))
-                    .sum(Kind::Float)
-                    .backward();
-                opt.step(0.05);
-            }
-            p.detach()
+            )
         };
-        assert!(run(None).equal(&run(Some(3))));
+        assert!(resumed_trajectory(None, fresh).equal(&resumed_trajectory(Some(3), fresh)));
     }
 
     /// Same parameters, gradients and LRs through our loop and libtorch's fused kernel
@@ -335,35 +338,13 @@ mod tests {
             assert!(AdamW::new_fused(Vec::new(), AdamWConfig::default()).is_err());
             return;
         }
-        let run = |split: Option<usize>| {
-            let p = Tensor::from_slice(&[0.5f32, -1.5, 2.0]).set_requires_grad(true);
-            let fresh = || {
-                AdamW::new_fused(
-                    vec![("w".into(), p.shallow_clone())],
-                    AdamWConfig::default(),
-                )
-                .unwrap()
-            };
-            let mut opt = fresh();
-            for i in 0..6 {
-                if Some(i) == split {
-                    let state: Vec<(String, Tensor)> = opt
-                        .state_tensors()
-                        .into_iter()
-                        .map(|(n, t)| (n, t.copy()))
-                        .collect();
-                    let steps = opt.steps_taken();
-                    opt = fresh();
-                    opt.load_state(&state, steps).unwrap();
-                }
-                opt.zero_grad();
-                (p.square() * Tensor::from_slice(&[1f32, 2.0, 3.0]))
-                    .sum(Kind::Float)
-                    .backward();
-                opt.step(0.05);
-            }
-            p.detach()
+        let fresh = |p: &Tensor| {
+            AdamW::new_fused(
+                vec![("w".into(), p.shallow_clone())],
+                AdamWConfig::default(),
+            )
+            .unwrap()
         };
-        assert!(run(None).equal(&run(Some(3))));
+        assert!(resumed_trajectory(None, fresh).equal(&resumed_trajectory(Some(3), fresh)));
     }
 }

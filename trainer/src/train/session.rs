@@ -32,7 +32,7 @@ use crate::export::{
     MANIFEST_FILE, OutputWriter, checkpoint_key, load_manifest, model_key, state_prefix,
     state_steps, write_samples,
 };
-use crate::pipeline::Models;
+use crate::pipeline::{ModelWeights, Models};
 use crate::schedulers::SchedulerConfig;
 use crate::storage::{Storage, StorageError, StorageSettings, open_storage_with};
 use crate::tokenizer::ClipTokenizer;
@@ -257,6 +257,7 @@ pub fn run_session(
         if options.stop.requested() && done < total {
             save_training_state(
                 &trainer,
+                &trainer.weights(),
                 done,
                 &mut writer,
                 scratch.path(),
@@ -268,7 +269,7 @@ pub fn run_session(
 
     snapshot_progress.stage = Stage::Exporting;
     progress(&snapshot_progress);
-    let model = snapshot(&base, trainer.weights());
+    let model = snapshot(&base, &trainer.weights());
     let metadata = describe(session, total, seed).metadata(&model);
     let names = write_model(
         &model,
@@ -485,7 +486,9 @@ fn write_checkpoint(
     scratch: &Path,
 ) -> Result<(), SessionError> {
     let spec = &session.spec;
-    let model = snapshot(base, trainer.weights());
+    // Read once for the model and the state: packed masters are copied off the device.
+    let weights = trainer.weights();
+    let model = snapshot(base, &weights);
     let stem = format!("{}_step_{step}", session.name);
     let metadata = describe(session, step, trainer.settings.seed).metadata(&model);
     let names = write_model(
@@ -509,6 +512,7 @@ fn write_checkpoint(
     write_samples(writer, step, &images).map_err(infra)?;
     save_training_state(
         trainer,
+        &weights,
         step,
         writer,
         scratch,
@@ -524,13 +528,14 @@ const JOURNAL_FILE: &str = "artifacts.json";
 /// journal) and deletes the states beyond the newest `keep`.
 fn save_training_state(
     trainer: &Trainer,
+    weights: &ModelWeights,
     step: u32,
     writer: &mut OutputWriter,
     scratch: &Path,
     keep: u32,
 ) -> Result<(), SessionError> {
     let dir = scratch.join(format!("state_{step}"));
-    save_state(trainer, step, &dir).map_err(|e| SessionError::Internal(e.to_string()))?;
+    save_state(trainer, weights, step, &dir).map_err(|e| SessionError::Internal(e.to_string()))?;
     let prefix = state_prefix(step);
     for file in [super::state::WEIGHTS_FILE, super::state::INFO_FILE] {
         writer

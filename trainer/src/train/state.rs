@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use super::loss_scale::LossScaler;
 use super::trainer::{Phase, Trainer, restore_weights};
+use crate::pipeline::ModelWeights;
 
 pub const WEIGHTS_FILE: &str = "state.safetensors";
 pub const INFO_FILE: &str = "state.json";
@@ -47,20 +48,25 @@ pub enum StateError {
     Torch { path: String, source: tch::TchError },
 }
 
-/// Writes the state after `step` optimizer steps into `dir` (a local folder).
-pub fn save_state(trainer: &Trainer, step: u32, dir: &Path) -> Result<StateInfo, StateError> {
+/// Writes the state after `step` optimizer steps into `dir` (a local folder): `weights`
+/// (`Trainer::weights`, which a checkpoint also exports) and the optimizer's moments.
+pub fn save_state(
+    trainer: &Trainer,
+    weights: &ModelWeights,
+    step: u32,
+    dir: &Path,
+) -> Result<StateInfo, StateError> {
     std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
         path: dir.display().to_string(),
         source,
     })?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let weights = trainer.weights();
     for (prefix, component) in [
-        ("text_encoder.", weights.text_encoder),
-        ("unet.", weights.unet),
+        ("text_encoder.", &weights.text_encoder),
+        ("unet.", &weights.unet),
     ] {
         for (name, tensor) in component {
-            tensors.push((format!("{prefix}{name}"), tensor));
+            tensors.push((format!("{prefix}{name}"), tensor.shallow_clone()));
         }
     }
     let (phase, optimizer_steps) = match trainer.optimizer() {
